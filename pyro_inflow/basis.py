@@ -1,0 +1,116 @@
+"""The data's eigen-basis: ``u = W^T (x - mean) / scale`` with ``cov(u) = diag(lam)``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from ._validation import check_data
+
+__all__ = ["EigenBasis"]
+
+#: Eigenvalues below this fraction of the largest are raised to it (a documented floor).
+EIGENVALUE_FLOOR = 1e-6
+
+
+class EigenBasis(nn.Module):
+    r"""Affine map between data ``x`` and eigen-coordinates ``u``.
+
+    ``cov(x) = scale^2 W diag(lam) W^T`` with ``lam`` descending and ``lam[0] == 1`` (one global
+    scale keeps the relative variances). Each column of ``W`` has its largest-magnitude entry
+    positive, which makes the basis unique for distinct eigenvalues.
+
+    Eigenvalues below ``EIGENVALUE_FLOOR`` (``1e-6`` of the largest, i.e. a standard deviation
+    of ``1e-3`` of the top direction) are raised to the floor with a warning, so a
+    (nearly) zero-variance direction never produces NaN; a data set with no variance at all is
+    an error.
+
+    Args:
+        mean: ``(D,)``. W: ``(D, D)`` orthogonal. lam: ``(D,)``. scale: ``()`` positive.
+
+    Example:
+        >>> x = torch.randn(1000, 2, dtype=torch.float64) * torch.tensor([3.0, 0.5])
+        >>> basis = EigenBasis.from_data(x)
+        >>> u = basis.to_eigen(x)
+        >>> torch.allclose(basis.from_eigen(u), x)
+        True
+    """
+
+    mean: Tensor
+    W: Tensor
+    lam: Tensor
+    scale: Tensor
+
+    def __init__(self, mean: Tensor, W: Tensor, lam: Tensor, scale: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean))
+        self.register_buffer("W", torch.as_tensor(W))
+        self.register_buffer("lam", torch.as_tensor(lam))
+        self.register_buffer("scale", torch.as_tensor(scale))
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[-1]
+
+    @classmethod
+    def from_moments(cls, mean: Tensor, cov: Tensor) -> EigenBasis:
+        """Basis from a mean ``(D,)`` and covariance ``(D, D)`` (computed in float64)."""
+        dtype = cov.dtype
+        cov64 = 0.5 * (cov + cov.transpose(-1, -2)).to(torch.float64)
+        if not torch.isfinite(cov64).all():
+            raise ValueError("covariance: expected finite values, got NaN or Inf")
+        evals, evecs = torch.linalg.eigh(cov64)
+        evals, evecs = evals.flip(-1), evecs.flip(-1)
+        top = float(evals[0])
+        if not top > 0:
+            raise ValueError(
+                f"data: every direction has zero variance (largest covariance eigenvalue "
+                f"{top:.3g}); a flow needs data that varies"
+            )
+        lam = evals / top
+        small = lam < EIGENVALUE_FLOOR
+        if small.any():
+            warnings.warn(
+                f"{int(small.sum())} eigen-direction(s) have variance below "
+                f"{EIGENVALUE_FLOOR:g} of the largest; raised to that floor. Consider a "
+                f"PR-reducing schedule (schedule='prr') that compresses them.",
+                stacklevel=3,
+            )
+            lam = lam.clamp_min(EIGENVALUE_FLOOR)
+        pivot = evecs.abs().argmax(dim=0)
+        signs = torch.sign(evecs[pivot, torch.arange(evecs.shape[1])])
+        evecs = evecs * signs
+        return cls(
+            mean.to(dtype),
+            evecs.to(dtype),
+            lam.to(dtype),
+            torch.tensor(math.sqrt(top), dtype=dtype),
+        )
+
+    @classmethod
+    def from_data(cls, x: Tensor) -> EigenBasis:
+        """Basis from samples ``x`` of shape ``(n, D)`` (unbiased covariance)."""
+        x = check_data(x, "data", min_rows=2)
+        x64 = x.to(torch.float64)
+        mean = x64.mean(0)
+        xc = x64 - mean
+        cov = xc.T @ xc / (x.shape[0] - 1)
+        return cls.from_moments(mean.to(x.dtype), cov.to(x.dtype))
+
+    def to_eigen(self, x: Tensor) -> Tensor:
+        """``u = W^T (x - mean) / scale``; ``(*, D) -> (*, D)``."""
+        return ((x - self.mean) @ self.W) / self.scale
+
+    def from_eigen(self, u: Tensor) -> Tensor:
+        """``x = mean + scale W u``; ``(*, D) -> (*, D)``."""
+        return self.mean + (u * self.scale) @ self.W.T
+
+    def log_abs_det(self) -> Tensor:
+        """``log |det du/dx| = -D log(scale)``."""
+        return -self.dim * torch.log(self.scale)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, scale={float(self.scale):.4g}"

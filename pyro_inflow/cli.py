@@ -1,0 +1,229 @@
+"""The ``pyro-inflow`` command. Files are NumPy ``.npy`` arrays of shape ``(n, D)`` or ``(n, d)``.
+
+Every command exits 0 on success; a user error prints one line, ``pyro-inflow: error: ...``, on
+stderr and exits 2 (1 for a numerical failure), with no traceback, and no output file is ever
+left half written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import _io
+from ._validation import check_data
+from .flow import FILLS, InflationaryFlow
+from .ode import ADAPTIVE, FIXED, SolverError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        self.exit(2, f"pyro-inflow: error: {message}\n")
+
+
+def _load_npy(path: str, name: str) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{name}: {path}: no such file")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e) or "Object arrays" in str(e):
+            raise ValueError(f"{name}: {path} holds pickled Python objects, which are refused; "
+                             f"save a plain float array with numpy.save") from e
+        raise ValueError(f"{name}: {path} is not a readable .npy file ({e})") from e
+    except (OSError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{name}: {path} is not a readable .npy file ({e})") from e
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"{name}: {path} is an .npz archive; expected a single .npy array")
+    return arr
+
+
+def _save_npy(path: str, arr: torch.Tensor) -> None:
+    _io.atomic_write(path, lambda f: np.save(f, arr.detach().cpu().numpy()))
+
+
+def _solver_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default rtol)")
+    p.add_argument("--method", default="dopri5", choices=ADAPTIVE + FIXED,
+                   help="torchdiffeq solver (default dopri5)")
+    p.add_argument("--float64", action="store_true", help="compute in float64")
+
+
+def _solver(a) -> dict:
+    return {"rtol": a.rtol, "atol": a.atol, "method": a.method}
+
+
+def _flow(a) -> InflationaryFlow:
+    flow = InflationaryFlow.load(a.flow)
+    return flow.double() if getattr(a, "float64", False) else flow
+
+
+def _report_solve(flow: InflationaryFlow, what: str, n: int, seconds: float) -> None:
+    info = flow.last_solve
+    print(f"{what} {n:,} points: {info.nfe} evaluations ({info.method}, rtol {info.rtol:g}), "
+          f"{seconds:.2f} s", file=sys.stderr)
+
+
+def cmd_train(a) -> None:
+    x = check_data(_load_npy(a.data, "DATA"), "DATA")
+    if a.out == a.data:
+        raise ValueError("--out: would overwrite the training data")
+    settings = {k: v for k, v in {
+        "schedule": a.schedule, "dims_to_keep": a.dims_to_keep, "seed": a.seed,
+        "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "t_max": a.t_max,
+        "hidden": a.hidden, "depth": a.depth}.items() if v is not None}
+    tic = time.perf_counter()
+    flow = InflationaryFlow.fit(x, checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every,
+                                resume=a.resume, progress=not a.quiet, **settings)
+    h = flow.history
+    flow.save(a.out, metadata={"trained_on": str(a.data), "settings": settings,
+                               "history": {k: v[-1:] for k, v in h.items()}})
+    print(f"trained a {flow.schedule.schedule.upper()} flow (D={flow.dim}, d={flow.latent_dim}) "
+          f"in {time.perf_counter() - tic:.1f} s, {h['samples_seen'][-1]:,} samples seen, "
+          f"validation loss {h['val_loss'][-1]:.4f}; wrote {a.out}")
+
+
+def cmd_encode(a) -> None:
+    flow = _flow(a)
+    x = check_data(_load_npy(a.data, "DATA"), "DATA", dim=flow.dim)
+    tic = time.perf_counter()
+    with torch.no_grad():
+        z = flow.encode(x, **_solver(a))
+    _report_solve(flow, "encoded", x.shape[0], time.perf_counter() - tic)
+    _save_npy(a.out, z)
+
+
+def cmd_decode(a) -> None:
+    flow = _flow(a)
+    z = check_data(_load_npy(a.latents, "Z"), "Z", dim=flow.latent_dim)
+    gen = torch.Generator().manual_seed(a.seed)
+    tic = time.perf_counter()
+    with torch.no_grad():
+        x = flow.decode(z, fill=a.fill, generator=gen, **_solver(a))
+    _report_solve(flow, "decoded", z.shape[0], time.perf_counter() - tic)
+    _save_npy(a.out, x)
+
+
+def cmd_sample(a) -> None:
+    flow = _flow(a)
+    if a.n < 1:
+        raise ValueError(f"-n: expected a positive number of samples, got {a.n}")
+    tic = time.perf_counter()
+    with torch.no_grad():
+        x = flow.sample(a.n, seed=a.seed, **_solver(a))
+    _report_solve(flow, "sampled", a.n, time.perf_counter() - tic)
+    _save_npy(a.out, x)
+
+
+def cmd_log_prob(a) -> None:
+    flow = _flow(a)
+    x = check_data(_load_npy(a.data, "DATA"), "DATA", dim=flow.dim)
+    tic = time.perf_counter()
+    with torch.no_grad():
+        lp = flow.log_prob(x, trace=a.trace, **_solver(a))
+    _report_solve(flow, "log-density of", x.shape[0], time.perf_counter() - tic)
+    _save_npy(a.out, lp)
+
+
+def cmd_demo(a) -> None:
+    from .demo import run_demo
+
+    run_demo(out=Path(a.out), n=a.n, steps=a.steps, seed=a.seed, progress=not a.quiet)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pyro-inflow", description="Inflationary flows: learn, encode, decode, "
+                "sample and evaluate calibrated priors for Pyro.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("demo", help="train on moons, check roundtrip and coverage, plot")
+    d.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    d.add_argument("--n", type=int, default=20_000, help="training points (default 20000)")
+    d.add_argument("--steps", type=int, default=4000, help="training steps (default 4000)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="learn a flow from DATA.npy (n, D)")
+    t.add_argument("data", metavar="DATA.npy")
+    t.add_argument("--out", required=True, metavar="FLOW")
+    t.add_argument("--schedule", choices=("prp", "prr"), default=None)
+    t.add_argument("--dims-to-keep", type=int, default=None, metavar="d")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--t-max", type=float, default=None)
+    t.add_argument("--hidden", type=int, default=None)
+    t.add_argument("--depth", type=int, default=None)
+    t.add_argument("--checkpoint", default=None, help="resumable checkpoint file")
+    t.add_argument("--checkpoint-every", type=int, default=1000)
+    t.add_argument("--resume", default=None, metavar="CHECKPOINT")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("encode", help="latents Z (n, d) of DATA.npy (n, D)")
+    e.add_argument("flow", metavar="FLOW")
+    e.add_argument("data", metavar="DATA.npy")
+    e.add_argument("--out", required=True, metavar="Z.npy")
+    _solver_args(e)
+    e.set_defaults(func=cmd_encode)
+
+    dc = sub.add_parser("decode", help="data X (n, D) of latents Z.npy (n, d)")
+    dc.add_argument("flow", metavar="FLOW")
+    dc.add_argument("latents", metavar="Z.npy")
+    dc.add_argument("--out", required=True, metavar="X.npy")
+    dc.add_argument("--fill", choices=FILLS, default="zeros",
+                    help="PR-reducing flows: compressed coordinates (default zeros)")
+    dc.add_argument("--seed", type=int, default=0)
+    _solver_args(dc)
+    dc.set_defaults(func=cmd_decode)
+
+    s = sub.add_parser("sample", help="N samples (N, D) from the flow")
+    s.add_argument("flow", metavar="FLOW")
+    s.add_argument("-n", type=int, required=True, metavar="N")
+    s.add_argument("--out", required=True, metavar="X.npy")
+    s.add_argument("--seed", type=int, default=0)
+    _solver_args(s)
+    s.set_defaults(func=cmd_sample)
+
+    lp = sub.add_parser("log-prob", help="log-densities (n,) of DATA.npy (PR-preserving)")
+    lp.add_argument("flow", metavar="FLOW")
+    lp.add_argument("data", metavar="DATA.npy")
+    lp.add_argument("--out", required=True, metavar="LP.npy")
+    lp.add_argument("--trace", choices=("auto", "exact", "hutchinson"), default="auto")
+    _solver_args(lp)
+    lp.set_defaults(func=cmd_log_prob)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``pyro-inflow``; returns the exit status."""
+    args = _build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, TypeError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"pyro-inflow: error: {msg}", file=sys.stderr)
+        return 2
+    except (SolverError, FloatingPointError) as e:
+        print(f"pyro-inflow: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pyro-inflow: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
