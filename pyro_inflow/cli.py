@@ -82,9 +82,17 @@ def cmd_train(a) -> None:
         "schedule": a.schedule, "dims_to_keep": a.dims_to_keep, "seed": a.seed,
         "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "t_max": a.t_max,
         "hidden": a.hidden, "depth": a.depth}.items() if v is not None}
+    ckpt = a.checkpoint or f"{a.out}.ckpt"
     tic = time.perf_counter()
-    flow = InflationaryFlow.fit(x, checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every,
-                                resume=a.resume, progress=not a.quiet, **settings)
+    try:
+        flow = InflationaryFlow.fit(x, checkpoint=ckpt, checkpoint_every=a.checkpoint_every,
+                                    resume=a.resume, progress=not a.quiet, **settings)
+    except KeyboardInterrupt:
+        print(f"pyro-inflow: interrupted; checkpoint saved to {ckpt}; continue with the same "
+              f"command and --resume {ckpt}", file=sys.stderr)
+        raise SystemExit(130) from None
+    if a.checkpoint is None and Path(ckpt).exists():
+        Path(ckpt).unlink()
     h = flow.history
     flow.save(a.out, metadata={"trained_on": str(a.data), "settings": settings,
                                "history": {k: v[-1:] for k, v in h.items()}})
@@ -166,7 +174,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--t-max", type=float, default=None)
     t.add_argument("--hidden", type=int, default=None)
     t.add_argument("--depth", type=int, default=None)
-    t.add_argument("--checkpoint", default=None, help="resumable checkpoint file")
+    t.add_argument("--checkpoint", default=None,
+                   help="resumable checkpoint file (default FLOW.ckpt, removed on success)")
     t.add_argument("--checkpoint-every", type=int, default=1000)
     t.add_argument("--resume", default=None, metavar="CHECKPOINT")
     t.add_argument("--quiet", action="store_true")

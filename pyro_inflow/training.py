@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -107,8 +109,9 @@ def fit(
 
     Args:
         data: ``(n, D)`` floating array or tensor of samples, finite, ``n >= D + 2``.
-        checkpoint: write a resumable checkpoint here every ``checkpoint_every`` steps and at
-            the end (atomically).
+        checkpoint: write a resumable checkpoint here every ``checkpoint_every`` steps, at the
+            end, and when SIGINT/SIGTERM (Ctrl-C) stops the run between two steps; the
+            interrupt is then re-raised as ``KeyboardInterrupt``. Writes are atomic.
         resume: continue from this checkpoint (same data and settings; ``steps`` may grow).
         progress: show a tqdm bar with the loss, validation loss and samples per second.
         dtype: training dtype (the returned flow can be converted with ``.double()``).
@@ -162,13 +165,35 @@ def fit(
     if resume is not None:
         start, wall0, history = _restore(resume, cfg, fp, model, ema, opt, gen)
     val = _validation_set(u_val, sched, cfg.seed) if len(val_idx) else None
-    _loop(cfg, model, ema, opt, gen, u_train, val, history, start, wall0, progress,
-          lambda step, wall: checkpoint and _save(checkpoint, cfg, fp, basis, model, ema, opt,
-                                                  gen, step, wall, history),
+
+    def save(step: int, wall: float) -> None:
+        _save(checkpoint, cfg, fp, basis, model, ema, opt, gen, step, wall, history)
+
+    _loop(cfg, model, ema, opt, gen, u_train, val, history, start, wall0, progress, save,
           checkpoint_every if checkpoint else None)
     flow = InflationaryFlow(basis, ema)
     flow.history = history
     return flow.requires_grad_(False)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps, so state stays whole."""
+
+    def __init__(self) -> None:
+        self.raised, self._old = False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._set)
+        return self
+
+    def _set(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 def _loop(cfg, model, ema, opt, gen, u_train, val, history, start, wall0, progress, save,
@@ -179,43 +204,58 @@ def _loop(cfg, model, ema, opt, gen, u_train, val, history, start, wall0, progre
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="training",
                unit="step", dynamic_ncols=True, leave=False,
                mininterval=0.2 if sys.stderr.isatty() else 15.0)
-    tic, running, since = time.perf_counter(), 0.0, 0
-    for step in range(start, cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        idx = torch.randint(n, (cfg.batch_size,), generator=gen)
-        t = torch.rand(cfg.batch_size, generator=gen, dtype=u_train.dtype) * T
-        eps = torch.randn(cfg.batch_size, u_train.shape[1], generator=gen, dtype=u_train.dtype)
-        loss = model.loss(u_train[idx], t, eps).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema_params, params):
-                pe.lerp_(p, 1 - decay)
-        running, since = running + loss.detach(), since + 1
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            train_loss = float(running / since)
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(
-                    f"training diverged at step {done} (loss {train_loss}); lower lr")
-            wall = wall0 + time.perf_counter() - tic
-            val_loss = _val_loss(ema, val)
-            for k, v in zip(history, (done, train_loss, val_loss, done * cfg.batch_size, wall)):
-                history[k].append(v)
-            rate = since * cfg.batch_size / max(wall - (history["wall_s"][-2]
-                                                        if len(history["wall_s"]) > 1 else wall0),
-                                                1e-9)
-            bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}",
-                            samples_s=f"{rate:,.0f}")
-            running, since = 0.0, 0
-        if checkpoint_every and (done % checkpoint_every == 0 or done == cfg.steps):
-            save(done, wall0 + time.perf_counter() - tic)
-        bar.update(1)
+    tic, running, since, step = time.perf_counter(), 0.0, 0, start
+    with _StopFlag() as stop:
+        try:
+            for step in range(start, cfg.steps):
+                if stop.raised:
+                    raise KeyboardInterrupt
+                _step(cfg, step, model, opt, params, ema_params, gen, u_train, n, T)
+                running, since = running + model._last_loss, since + 1
+                done = step + 1
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    wall = wall0 + time.perf_counter() - tic
+                    _log(cfg, history, done, float(running / since), _val_loss(ema, val),
+                         wall, since, wall0, bar)
+                    running, since = 0.0, 0
+                if checkpoint_every and (done % checkpoint_every == 0 or done == cfg.steps):
+                    save(done, wall0 + time.perf_counter() - tic)
+                bar.update(1)
+        except KeyboardInterrupt:
+            bar.close()
+            if checkpoint_every:  # `step` steps are complete: the state is whole
+                save(step, wall0 + time.perf_counter() - tic)
+            raise
     bar.close()
+
+
+def _step(cfg, step, model, opt, params, ema_params, gen, u_train, n, T) -> None:
+    for group in opt.param_groups:
+        group["lr"] = _lr_at(step, cfg)
+    idx = torch.randint(n, (cfg.batch_size,), generator=gen)
+    t = torch.rand(cfg.batch_size, generator=gen, dtype=u_train.dtype) * T
+    eps = torch.randn(cfg.batch_size, u_train.shape[1], generator=gen, dtype=u_train.dtype)
+    loss = model.loss(u_train[idx], t, eps).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    opt.step()
+    decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema_params, params):
+            pe.lerp_(p, 1 - decay)
+    model._last_loss = loss.detach()
+
+
+def _log(cfg, history, done, train_loss, val_loss, wall, since, wall0, bar) -> None:
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(f"training diverged at step {done} (loss {train_loss}); "
+                                 f"lower lr or check the data")
+    previous = history["wall_s"][-1] if history["wall_s"] else wall0
+    for k, v in zip(history, (done, train_loss, val_loss, done * cfg.batch_size, wall)):
+        history[k].append(v)
+    rate = since * cfg.batch_size / max(wall - previous, 1e-9)
+    bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}", samples_s=f"{rate:,.0f}")
 
 
 @torch.no_grad()
