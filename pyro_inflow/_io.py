@@ -63,10 +63,10 @@ def load_payload(path: str | os.PathLike, kind: str) -> dict:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
             OSError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise ValueError(
             f"{path}: not a readable pyro_inflow {kind} file (truncated, corrupt, or holding "
-            f"objects other than tensors and plain data, which are refused unrun): {reason}"
+            f"objects other than tensors and plain data, which are refused unrun; "
+            f"{type(e).__name__})"
         ) from e
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ValueError(f"{path}: not a pyro_inflow file (no '{FORMAT}' header)")

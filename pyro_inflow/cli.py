@@ -47,6 +47,13 @@ def _load_npy(path: str, name: str) -> np.ndarray:
     return arr
 
 
+def _check_out(*paths: str | None) -> None:
+    """Fail before any work if an output's folder is missing."""
+    for path in paths:
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise FileNotFoundError(f"{path}: folder {Path(path).parent} does not exist")
+
+
 def _save_npy(path: str, arr: torch.Tensor) -> None:
     _io.atomic_write(path, lambda f: np.save(f, arr.detach().cpu().numpy()))
 
@@ -220,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``pyro-inflow``; returns the exit status."""
     args = _build_parser().parse_args(argv)
     try:
+        _check_out(getattr(args, "out", None), getattr(args, "checkpoint", None))
         args.func(args)
     except (ValueError, TypeError, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,4 +1,5 @@
 import torch
+from _helpers import random_mixture
 
 from pyro_inflow import (
     EmpiricalDenoiser,
@@ -7,8 +8,6 @@ from pyro_inflow import (
     PreconditionedDenoiser,
 )
 from pyro_inflow.networks import MLP, ResidualMLP
-
-from _helpers import random_mixture
 
 
 def test_mixture_denoiser_satisfies_tweedie():

@@ -58,8 +58,8 @@ def test_auto_t_max_prr_compresses_scaled_state():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"dim": 3, "schedule": "prr", "dims_to_keep": 3}, r"dims_to_keep: expected an integer in \[1, 2\]"),
-        ({"dim": 3, "schedule": "prr", "dims_to_keep": 0}, r"dims_to_keep: expected an integer in \[1, 2\]"),
+        ({"dim": 3, "schedule": "prr", "dims_to_keep": 3}, r"dims_to_keep: expected .* \[1, 2\]"),
+        ({"dim": 3, "schedule": "prr", "dims_to_keep": 0}, r"dims_to_keep: expected .* \[1, 2\]"),
         ({"dim": 3, "schedule": "prr"}, "dims_to_keep"),
         ({"dim": 3, "schedule": "prp", "dims_to_keep": 2}, "use schedule='prr'"),
         ({"dim": 3, "schedule": "vp"}, r"schedule: expected one of \('prp', 'prr'\)"),

@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+import pyro_inflow.training as training
+from pyro_inflow import InflationaryFlow, datasets
+
+FAST = {"steps": 300, "batch_size": 256, "hidden": 64, "depth": 2, "eval_every": 100,
+        "progress": False}
+
+
+def test_flow_trained_on_gaussian_data_is_whitening():
+    """5-D Gaussian data: the learned flow must stay the closed-form whitening u/sqrt(lam+g0)."""
+    Q, _ = torch.linalg.qr(torch.randn(5, 5))
+    A = Q * torch.tensor([2.0, 1.5, 1.0, 0.7, 0.4])  # covariance Q diag(4, 2.25, 1, .49, .16) Q^T
+    x = (torch.randn(20_000, 5) @ A.T).float()
+    flow = InflationaryFlow.fit(x, **FAST).double()
+    held = (torch.randn(2000, 5) @ A.T)
+    z = flow.encode(held, rtol=1e-6)
+    whitened = flow.basis.to_eigen(held) / torch.sqrt(flow.basis.lam + flow.schedule.gamma0)
+    assert (z - whitened).square().mean().sqrt() < 0.05  # stated tolerance: 5% of the latent scale
+    sigma0 = flow.basis.lam + flow.schedule.gamma0
+    assert torch.allclose(torch.cov(z.T).diagonal(), flow.basis.lam / sigma0, atol=0.08)
+
+
+def test_training_on_moons_lowers_validation_loss_and_is_reproducible():
+    x = datasets.load("moons", n=4000, seed=0)
+    a = InflationaryFlow.fit(x, **FAST, seed=3)
+    b = InflationaryFlow.fit(x, **FAST, seed=3)
+    c = InflationaryFlow.fit(x, **FAST, seed=4)
+    val = a.history["val_loss"]
+    assert len(val) == 3 and val[-1] < val[0] - 0.01
+    sa, sb, sc = (f.denoiser.state_dict() for f in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    assert not any(p.requires_grad for p in a.parameters())  # a fitted flow is frozen
+
+
+def test_save_load_gives_identical_outputs(tmp_path):
+    x = datasets.load("s_curve", n=2000, seed=0)
+    flow = InflationaryFlow.fit(x, **FAST, schedule="prr", dims_to_keep=2)
+    flow.save(tmp_path / "f.flow")
+    again = InflationaryFlow.load(tmp_path / "f.flow")
+    held = datasets.load("s_curve", n=50, seed=1)
+    assert torch.equal(flow.encode(held), again.encode(held))
+    assert again.schedule.config() == flow.schedule.config()
+
+
+def test_resume_continues_to_the_same_result(tmp_path, monkeypatch):
+    x = datasets.load("circles", n=3000, seed=0)
+    settings = {**FAST, "steps": 200}
+    full = InflationaryFlow.fit(x, **settings)
+    ckpt = tmp_path / "run.ckpt"
+    real = training._lr_at
+
+    def interrupt(step, cfg):
+        if step == 130:
+            raise KeyboardInterrupt
+        return real(step, cfg)
+
+    monkeypatch.setattr(training, "_lr_at", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        InflationaryFlow.fit(x, **settings, checkpoint=ckpt, checkpoint_every=1000)
+    monkeypatch.setattr(training, "_lr_at", real)
+    assert ckpt.exists()
+    resumed = InflationaryFlow.fit(x, **settings, resume=ckpt)
+    s1, s2 = full.denoiser.state_dict(), resumed.denoiser.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)  # bit for bit
+    assert resumed.history["step"] == full.history["step"]
+    with pytest.raises(ValueError, match="lr=0.002, this run has lr=0.001"):
+        InflationaryFlow.fit(x, **settings, lr=1e-3, resume=ckpt)
+    with pytest.raises(ValueError, match="made for different data"):
+        InflationaryFlow.fit(x[:2000], **settings, resume=ckpt)
+
+
+@pytest.mark.parametrize(
+    "data, kwargs, err, match",
+    [
+        (torch.zeros(100, 2).fill_(float("inf")), {}, ValueError, "expected finite values"),
+        (torch.randn(3, 2), {}, ValueError, "at least D \\+ 2 = 4 points"),
+        (torch.randn(100, 3), {"schedule": "prr", "dims_to_keep": 3}, ValueError,
+         r"dims_to_keep: expected an integer in \[1, 2\]"),
+        (torch.randn(100, 2), {"stepz": 3}, TypeError, "unexpected setting"),
+        (torch.randn(100, 2), {"network": "unet"}, ValueError, "network: expected one of"),
+    ],
+)
+def test_fit_rejects_bad_input(data, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        InflationaryFlow.fit(data, progress=False, steps=2, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["moons", "circles", "sine", "s_curve", "swiss_roll"])
+def test_default_training_is_calibrated_on_toys(name):
+    """The issue's bar with default settings: coverage within 0.03, roundtrip < 1e-3 (rms)."""
+    from pyro_inflow import latent_coverage, roundtrip_error
+
+    flow = InflationaryFlow.fit(datasets.load(name, n=20_000, seed=1), progress=False)
+    held = datasets.load(name, n=5000, seed=2)
+    with torch.no_grad():
+        z = flow.encode(held)
+        back = flow.decode(z)
+    assert latent_coverage(z)["max_abs_error"] < 0.03
+    assert roundtrip_error(held, back)["rms"] < 1e-3
