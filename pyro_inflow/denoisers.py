@@ -76,7 +76,7 @@ class GaussianMixtureDenoiser(nn.Module):
 
     def _components(self, ut: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Component log-densities ``(*, K)``, ``P (ut - m)`` ``(*, K, D)``, and ``S P``."""
-        gamma = self.schedule.gamma(_time(t, ut))  # (*t, D)
+        gamma = self.schedule.gamma(_time(t, ut)).to(ut.dtype)  # (*t, D)
         cov = self.covariances + torch.diag_embed(gamma).unsqueeze(-3)  # (*t, K, D, D)
         chol = torch.linalg.cholesky(cov)
         prec = torch.cholesky_inverse(chol)
@@ -133,7 +133,7 @@ class EmpiricalDenoiser(nn.Module):
         self.max_elements = int(max_elements)
 
     def forward(self, ut: Tensor, t: Tensor) -> Tensor:
-        inv_gamma = 1.0 / self.schedule.gamma(_time(t, ut))  # (*t, D)
+        inv_gamma = 1.0 / self.schedule.gamma(_time(t, ut)).to(ut.dtype)  # (*t, D)
         batch = ut.shape[:-1]
         flat = ut.reshape(-1, ut.shape[-1])
         inv = inv_gamma.expand(*batch, ut.shape[-1]).reshape(-1, ut.shape[-1])
