@@ -8,7 +8,6 @@ left half written.
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ def _load_npy(path: str, name: str) -> np.ndarray:
             raise ValueError(f"{name}: {path} holds pickled Python objects, which are refused; "
                              f"save a plain float array with numpy.save") from e
         raise ValueError(f"{name}: {path} is not a readable .npy file ({e})") from e
-    except (OSError, EOFError, pickle.UnpicklingError) as e:
+    except (OSError, EOFError) as e:
         raise ValueError(f"{name}: {path} is not a readable .npy file ({e})") from e
     if not isinstance(arr, np.ndarray):
         raise ValueError(f"{name}: {path} is an .npz archive; expected a single .npy array")

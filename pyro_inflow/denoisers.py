@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .networks import build_network
-from .schedule import InflationSchedule
+from .schedule import InflationSchedule, _as_time
 
 __all__ = [
     "Denoiser",
@@ -41,10 +41,6 @@ class Denoiser(Protocol):
     schedule: InflationSchedule
 
     def __call__(self, ut: Tensor, t: Tensor) -> Tensor: ...
-
-
-def _time(t: float | Tensor, like: Tensor) -> Tensor:
-    return torch.as_tensor(t, dtype=like.dtype, device=like.device)
 
 
 class GaussianMixtureDenoiser(nn.Module):
@@ -76,7 +72,7 @@ class GaussianMixtureDenoiser(nn.Module):
 
     def _components(self, ut: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Component log-densities ``(*, K)``, ``P (ut - m)`` ``(*, K, D)``, and ``S P``."""
-        gamma = self.schedule.gamma(_time(t, ut)).to(ut.dtype)  # (*t, D)
+        gamma = self.schedule.gamma(_as_time(t, ut)).to(ut.dtype)  # (*t, D)
         cov = self.covariances + torch.diag_embed(gamma).unsqueeze(-3)  # (*t, K, D, D)
         chol = torch.linalg.cholesky(cov)
         prec = torch.cholesky_inverse(chol)
@@ -130,14 +126,15 @@ class EmpiricalDenoiser(nn.Module):
         super().__init__()
         self.schedule = schedule
         self.register_buffer("points", points)
+        self.register_buffer("_points_sq", points.square(), persistent=False)
         self.max_elements = int(max_elements)
 
     def forward(self, ut: Tensor, t: Tensor) -> Tensor:
-        inv_gamma = 1.0 / self.schedule.gamma(_time(t, ut)).to(ut.dtype)  # (*t, D)
+        inv_gamma = 1.0 / self.schedule.gamma(_as_time(t, ut)).to(ut.dtype)  # (*t, D)
         batch = ut.shape[:-1]
         flat = ut.reshape(-1, ut.shape[-1])
         inv = inv_gamma.expand(*batch, ut.shape[-1]).reshape(-1, ut.shape[-1])
-        y, y2 = self.points, self.points.square()
+        y, y2 = self.points, self._points_sq
         rows = max(1, self.max_elements // y.shape[0])
         out = []
         for start in range(0, flat.shape[0], rows):
@@ -174,7 +171,7 @@ class PreconditionedDenoiser(nn.Module):
 
     def preconditioning(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(c_skip, c_out, c_in)`` of shape ``(*t, D)`` and ``c_noise`` of shape ``(*t)``."""
-        t = _time(t, self.lam)
+        t = _as_time(t, self.lam)
         gamma = self.schedule.gamma(t)
         sigma = self.lam + gamma
         c_skip = self.lam / sigma

@@ -87,29 +87,27 @@ class ProbabilityFlow(nn.Module):
         resid = (self.lam / sigma) * ut - self.denoiser(ut, t)
         return (0.5 * self.schedule.rate) / root * resid
 
-    def with_divergence(self, t: Tensor, w: Tensor, probes: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``f(t, w)`` ``(*, D)`` and ``tr(df/dw)`` ``(*)``: exact if ``probes`` is None, else
-        the Hutchinson estimate ``mean_p eps_p^T J eps_p`` with ``probes`` ``(P, *, D)``."""
+    def with_divergence(self, t: Tensor, w: Tensor, probes: Tensor,
+                        weight: float) -> tuple[Tensor, Tensor]:
+        """``f(t, w)`` ``(*, D)`` and ``weight * sum_p eps_p^T J eps_p`` ``(*)``.
+
+        With the ``D`` basis vectors as ``probes`` and ``weight = 1`` this is the exact trace;
+        with ``P`` Rademacher probes and ``weight = 1 / P``, the Hutchinson estimate.
+        """
         f, pullback = vjp(lambda w_: self.forward(t, w_), w)
-        if probes is None:
-            dim = w.shape[-1]
-            eye = torch.eye(dim, dtype=w.dtype, device=w.device)
-            basis = eye.reshape(dim, *([1] * (w.dim() - 1)), dim).expand(dim, *w.shape)
-            rows = vmap(lambda v: pullback(v)[0])(basis)  # (D, *, D): rows of J
-            return f, torch.diagonal(rows, dim1=0, dim2=-1).sum(-1)
-        vjps = vmap(lambda v: pullback(v)[0])(probes)
-        return f, (vjps * probes).sum(-1).mean(0)
+        vjps = vmap(lambda v: pullback(v)[0])(probes)  # (P, *, D)
+        return f, weight * (vjps * probes).sum(-1).sum(0)
 
 
 class _Augmented(nn.Module):
     """State ``[w, log det]`` of shape ``(*, D + 1)``; the log-det column integrates the trace."""
 
-    def __init__(self, field: ProbabilityFlow, probes: Tensor | None) -> None:
+    def __init__(self, field: ProbabilityFlow, probes: Tensor, weight: float) -> None:
         super().__init__()
-        self.field, self.probes = field, probes
+        self.field, self.probes, self.weight = field, probes, weight
 
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
-        f, div = self.field.with_divergence(t, y[..., :-1], self.probes)
+        f, div = self.field.with_divergence(t, y[..., :-1], self.probes, self.weight)
         return torch.cat([f, div.unsqueeze(-1)], dim=-1)
 
 
@@ -128,6 +126,17 @@ class _Counted(nn.Module):
         bad = ~torch.isfinite(dy).all()
         self.first_bad = torch.where(bad & torch.isnan(self.first_bad), t.detach(), self.first_bad)
         return dy
+
+
+def _probes(w0: Tensor, trace: str, num_probes: int, seed: int) -> tuple[Tensor, float]:
+    """Probe vectors ``(P, *, D)``, made once per solve, and the weight of their sum."""
+    if trace == "exact":
+        dim = w0.shape[-1]
+        eye = torch.eye(dim, dtype=w0.dtype, device=w0.device)
+        return eye.reshape(dim, *([1] * (w0.dim() - 1)), dim).expand(dim, *w0.shape), 1.0
+    gen = torch.Generator(device=w0.device).manual_seed(seed)
+    signs = torch.randint(0, 2, (num_probes, *w0.shape), generator=gen, device=w0.device)
+    return signs.to(w0.dtype) * 2 - 1, 1.0 / num_probes
 
 
 def _pointwise_norm(x: Tensor) -> Tensor:
@@ -182,12 +191,7 @@ def solve(
     atol = rtol if atol is None else atol
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol, atol: expected positive tolerances, got {rtol}, {atol}")
-    probes = None
-    if logdet and trace == "hutchinson":
-        gen = torch.Generator(device=w0.device).manual_seed(seed)
-        signs = torch.randint(0, 2, (num_probes, *w0.shape), generator=gen, device=w0.device)
-        probes = signs.to(w0.dtype) * 2 - 1
-    func: nn.Module = _Augmented(field, probes) if logdet else field
+    func: nn.Module = _Augmented(field, *_probes(w0, trace, num_probes, seed)) if logdet else field
     y0 = torch.cat([w0, w0.new_zeros(*w0.shape[:-1], 1)], dim=-1) if logdet else w0
     counted = _Counted(func, y0)
     options: dict = {}

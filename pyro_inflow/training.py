@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
@@ -61,7 +61,6 @@ class TrainConfig:
     validation_fraction: float = 0.1
     eval_every: int = 250
     seed: int = 0
-    history: dict = field(default_factory=dict, repr=False)
 
     # settings that must agree between a checkpoint and the run that resumes it
     _FROZEN = ("schedule", "dims_to_keep", "inflation_gap", "gamma0", "rho", "A0", "t_max",
@@ -128,7 +127,7 @@ def fit(
         >>> flow.latent_dim
         2
     """
-    unknown = sorted(set(settings) - {f for f in TrainConfig.__dataclass_fields__} - {"history"})
+    unknown = sorted(set(settings) - set(TrainConfig.__dataclass_fields__))
     if unknown:
         raise TypeError(f"fit: unexpected setting(s) {unknown}; see pyro_inflow.TrainConfig")
     cfg = TrainConfig(**settings)
@@ -210,8 +209,8 @@ def _loop(cfg, model, ema, opt, gen, u_train, val, history, start, wall0, progre
             for step in range(start, cfg.steps):
                 if stop.raised:
                     raise KeyboardInterrupt
-                _step(cfg, step, model, opt, params, ema_params, gen, u_train, n, T)
-                running, since = running + model._last_loss, since + 1
+                loss = _step(cfg, step, model, opt, params, ema_params, gen, u_train, n, T)
+                running, since = running + loss, since + 1
                 done = step + 1
                 if done % cfg.eval_every == 0 or done == cfg.steps:
                     wall = wall0 + time.perf_counter() - tic
@@ -229,7 +228,7 @@ def _loop(cfg, model, ema, opt, gen, u_train, val, history, start, wall0, progre
     bar.close()
 
 
-def _step(cfg, step, model, opt, params, ema_params, gen, u_train, n, T) -> None:
+def _step(cfg, step, model, opt, params, ema_params, gen, u_train, n, T) -> Tensor:
     for group in opt.param_groups:
         group["lr"] = _lr_at(step, cfg)
     idx = torch.randint(n, (cfg.batch_size,), generator=gen)
@@ -244,7 +243,7 @@ def _step(cfg, step, model, opt, params, ema_params, gen, u_train, n, T) -> None
     with torch.no_grad():
         for pe, p in zip(ema_params, params):
             pe.lerp_(p, 1 - decay)
-    model._last_loss = loss.detach()
+    return loss.detach()
 
 
 def _log(cfg, history, done, train_loss, val_loss, wall, since, wall0, bar) -> None:
@@ -269,7 +268,7 @@ def _val_loss(ema: PreconditionedDenoiser, val) -> float:
 
 def _save(path, cfg, fp, basis, model, ema, opt, gen, step, wall, history) -> None:
     _io.save_payload(path, "checkpoint", {
-        "config": {k: v for k, v in asdict(cfg).items() if k != "history"},
+        "config": asdict(cfg),
         "data_fingerprint": fp,
         "basis": {k: v.detach().cpu() for k, v in basis.state_dict().items()},
         "network": model.network.config(),

@@ -1,5 +1,7 @@
 """Shared helpers for the tests (closed-form references)."""
 
+import os
+
 import torch
 
 
@@ -16,3 +18,13 @@ def mixture_distribution(w, m, S, extra_var: float = 0.0):
     D = m.shape[-1]
     comp = torch.distributions.MultivariateNormal(m, S + extra_var * torch.eye(D))
     return torch.distributions.MixtureSameFamily(torch.distributions.Categorical(w), comp)
+
+
+class Evil:
+    """Unpickling this runs ``touch marker``: a file that must never be executed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

@@ -2,12 +2,15 @@
 
 import os
 import pickle
+import re
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
 import torch
+from _helpers import Evil
 
 from pyro_inflow import InflationaryFlow, datasets
 from pyro_inflow.cli import main
@@ -62,14 +65,6 @@ def test_prr_train_and_float64(trained, tmp_path):
     assert z.shape == (1000, 2) and z.dtype == np.float64
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def _bad_inputs(tmp_path):
     nan = np.random.default_rng(0).normal(size=(50, 2))
     nan[3, 1] = np.nan
@@ -78,10 +73,10 @@ def _bad_inputs(tmp_path):
     np.save(tmp_path / "flat.npy", np.zeros(50))
     np.save(tmp_path / "ints.npy", np.arange(100).reshape(50, 2))
     (tmp_path / "empty.npy").write_bytes(b"")
-    np.save(tmp_path / "evil.npy", np.array([_Evil(tmp_path / "pwned")], dtype=object),
+    np.save(tmp_path / "evil.npy", np.array([Evil(tmp_path / "pwned")], dtype=object),
             allow_pickle=True)
     with open(tmp_path / "evil.flow", "wb") as f:
-        pickle.dump(_Evil(tmp_path / "pwned"), f)
+        pickle.dump(Evil(tmp_path / "pwned"), f)
     np.save(tmp_path / "ok3.npy", np.random.default_rng(0).normal(size=(50, 3)))
 
 
@@ -117,22 +112,14 @@ def test_bad_input_gives_one_line_and_no_file(trained, tmp_path, capsys, args, m
     _bad_inputs(tmp_path)
     _, _, flow = trained
     argv = [a.format(t=tmp_path, flow=flow) for a in args]
-    with pytest.raises(SystemExit) if "--out" == match or "invalid" in match else _nullctx():
+    with pytest.raises(SystemExit) if "--out" == match or "invalid" in match else nullcontext():
         code = main(argv)
         assert code != 0
     line = _err_line(capsys)
-    assert line.startswith("pyro-inflow: error: ") and __import__("re").search(match, line)
+    assert line.startswith("pyro-inflow: error: ") and re.search(match, line)
     assert not (tmp_path / "o.flow").exists() and not (tmp_path / "o.npy").exists()
     assert not (tmp_path / "pwned").exists()
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_installed_command_has_no_traceback(tmp_path):

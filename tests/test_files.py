@@ -3,17 +3,9 @@ import pickle
 
 import pytest
 import torch
-from _helpers import random_mixture
+from _helpers import Evil, random_mixture
 
 from pyro_inflow import InflationaryFlow, _io
-
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture
@@ -38,8 +30,8 @@ def test_exact_flows_roundtrip_through_files(saved, tmp_path):
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused_and_not_run(tmp_path):
     marker = tmp_path / "pwned"
-    for name, write in (("raw.flow", lambda f: pickle.dump(_Evil(marker), f)),
-                        ("zip.flow", lambda f: torch.save({"format": _Evil(marker)}, f))):
+    for name, write in (("raw.flow", lambda f: pickle.dump(Evil(marker), f)),
+                        ("zip.flow", lambda f: torch.save({"format": Evil(marker)}, f))):
         with open(tmp_path / name, "wb") as f:
             write(f)
         with pytest.raises(ValueError, match="refused unrun"):
