@@ -14,15 +14,20 @@ from .denoisers import (
     PreconditionedDenoiser,
 )
 from .diagnostics import latent_coverage, roundtrip_error
+from .distributions import InflationaryFlowPrior
 from .flow import InflationaryFlow
+from .inference import latent_nuts, latent_svi, posterior_samples, reparam_flow_priors
 from .ode import SolverError
 from .schedule import InflationSchedule
 from .training import TrainConfig
+from .transforms import InflationaryFlowTransform
 
 __version__ = "0.1.0"
 
 __all__ = [
     "InflationaryFlow",
+    "InflationaryFlowPrior",
+    "InflationaryFlowTransform",
     "InflationSchedule",
     "EigenBasis",
     "Denoiser",
@@ -32,6 +37,10 @@ __all__ = [
     "TrainConfig",
     "SolverError",
     "datasets",
+    "reparam_flow_priors",
+    "latent_nuts",
+    "latent_svi",
+    "posterior_samples",
     "latent_coverage",
     "roundtrip_error",
 ]

@@ -212,8 +212,36 @@ class InflationaryFlow(nn.Module):
             rest = (torch.randn(shape, generator=generator, dtype=z.dtype, device=z.device)
                     if fill == "normal" else z.new_zeros(shape))
             z = torch.cat([z, rest], dim=-1)
-        w0 = self._solve(z, self.schedule.t_max, 0.0, **solver)[0]
+        return self.decode_full(z, **solver)
+
+    def decode_full(self, w: Tensor, **solver) -> Tensor:
+        """Data ``x`` of a full standardized state ``w(T)``: ``(*, D) -> (*, D)``.
+
+        The inverse of :meth:`encode_full`; for PR-preserving flows the same as :meth:`decode`.
+        """
+        w = self._check(w, "w", self.dim)
+        w0 = self._solve(w, self.schedule.t_max, 0.0, **solver)[0]
         return self.basis.from_eigen(w0 * self._sigma0_root())
+
+    def decode_with_logdet(self, w: Tensor, **solver) -> tuple[Tensor, Tensor]:
+        """:meth:`decode_full` and ``log |det dx/dw|``: ``(*, D) -> ((*, D), (*))``.
+
+        Takes the trace keywords of :meth:`log_prob` (``trace``, ``num_probes``, ``seed``).
+        """
+        trace = self._trace(solver.pop("trace", "auto"))
+        solver.setdefault("num_probes", 16)
+        w = self._check(w, "w", self.dim)
+        w0, logdet = self._solve(w, self.schedule.t_max, 0.0, logdet=True, trace=trace,
+                                 **solver)
+        x = self.basis.from_eigen(w0 * self._sigma0_root())
+        return x, logdet + self._affine_logdet()
+
+    def _trace(self, trace: str) -> str:
+        return ("exact" if self.dim <= 16 else "hutchinson") if trace == "auto" else trace
+
+    def _affine_logdet(self) -> Tensor:
+        """``log |det dx/dw(0)|`` of ``x = mu + scale W sqrt(sigma(0)) w(0)``."""
+        return torch.log(self._sigma0_root()).sum() - self.basis.log_abs_det()
 
     def sample(
         self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None,
@@ -232,34 +260,54 @@ class InflationaryFlow(nn.Module):
         return self.decode(z, fill=fill, generator=generator, **solver)
 
     def log_prob(
-        self, x: Tensor, *, trace: str = "auto", num_probes: int = 16, seed: int = 0, **solver
+        self, x: Tensor, *, full_rank: bool = False, trace: str = "auto", num_probes: int = 16,
+        seed: int = 0, **solver,
     ) -> Tensor:
         r"""Log-density ``log p(x)`` of the flow's ``t = 0`` marginal, ``(*, D) -> (*)``.
 
-        ``log p(x) = log N(z; 0, I) + int_0^T tr(df/dw) dt - 0.5 sum_i log(lam_i + gamma0)
+        ``log p(x) = log N(w(T); 0, I) + int_0^T tr(df/dw) dt - 0.5 sum_i log(lam_i + gamma0)
         - D log(scale)``, the trace exact (``D <= 16`` for ``trace="auto"``) or a Hutchinson
         estimate with ``num_probes`` Rademacher probes fixed by ``seed``.
 
+        Args:
+            x: points ``(*, D)``.
+            full_rank: for PR-reducing flows, the density of the paper's full-rank model: all
+                ``D`` coordinates of ``w(T)`` are ``N(0, 1)``, so the compressed directions keep
+                their own small variance (what ``decode(z, fill="normal")`` samples).
+
         Raises:
-            ValueError: for PR-reducing flows, whose data live on a ``d``-dimensional manifold.
+            ValueError: for PR-reducing flows without ``full_rank=True``: their data live on a
+                ``d``-dimensional manifold and have no density on ``R^D``.
         """
-        if self.latent_dim != self.dim:
+        if self.latent_dim != self.dim and not full_rank:
             raise ValueError(
                 f"log_prob: a PR-reducing flow (d={self.latent_dim} < D={self.dim}) has no "
-                f"density on R^{self.dim}; work in the latent (encode/decode) or use a "
-                f"PR-preserving flow"
+                f"density on R^{self.dim}; work in the latent (encode/decode, latent inference) "
+                f"or pass full_rank=True for the full-rank model's density"
             )
-        if trace == "auto":
-            trace = "exact" if self.dim <= 16 else "hutchinson"
         x = self._check(x, "x", self.dim)
         w0 = self.basis.to_eigen(x) / self._sigma0_root()
         wT, logdet = self._solve(
-            w0, 0.0, self.schedule.t_max, logdet=True, trace=trace, num_probes=num_probes,
-            seed=seed, **solver,
+            w0, 0.0, self.schedule.t_max, logdet=True, trace=self._trace(trace),
+            num_probes=num_probes, seed=seed, **solver,
         )
         log_normal = -0.5 * (wT.square().sum(-1) + self.dim * math.log(2 * math.pi))
-        return (log_normal + logdet - torch.log(self._sigma0_root()).sum()
-                + self.basis.log_abs_det())
+        return log_normal + logdet - self._affine_logdet()
+
+    def prior(self, *, full_rank: bool = False, **options):
+        """This flow as a Pyro prior: an :class:`~pyro_inflow.InflationaryFlowPrior`.
+
+        Freezes the flow's weights (``requires_grad=False``): inference never trains them.
+
+        Args:
+            full_rank: for PR-reducing flows, the full-rank model on ``R^D`` (a proper
+                density) instead of the ``d``-dimensional manifold.
+            **options: solver and trace options of the prior's transform, see
+                :class:`~pyro_inflow.InflationaryFlowTransform`.
+        """
+        from .distributions import InflationaryFlowPrior
+
+        return InflationaryFlowPrior(self, full_rank=full_rank, **options)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike, metadata: dict | None = None) -> None:

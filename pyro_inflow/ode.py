@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
-from torchdiffeq import odeint
+from torchdiffeq import odeint, odeint_adjoint
 
 from .denoisers import Denoiser
 
@@ -114,18 +114,27 @@ class _Augmented(nn.Module):
 class _Counted(nn.Module):
     """Counts evaluations and remembers the first time a non-finite derivative appeared."""
 
-    def __init__(self, func: nn.Module, like: Tensor) -> None:
+    def __init__(self, func: nn.Module, like: Tensor, span: tuple[float, float]) -> None:
         super().__init__()
-        self.func, self.nfe, self.last_t = func, 0, None
+        self.func, self.nfe, self.last_t, self.span = func, 0, None, span
         self.first_bad = torch.full((), math.nan, dtype=like.dtype, device=like.device)
+        self._first_bad_nfe = torch.zeros((), dtype=torch.long, device=like.device)
 
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
         self.nfe += 1
         self.last_t = t
         dy = self.func(t, y)
-        bad = ~torch.isfinite(dy).all()
-        self.first_bad = torch.where(bad & torch.isnan(self.first_bad), t.detach(), self.first_bad)
+        # recorded on the device, without a host sync per evaluation
+        # (the solver's initial step selection may probe times outside the span: ignored)
+        inside = (t.detach() - self.span[0]) * (t.detach() - self.span[1]) <= 0
+        new = ~torch.isfinite(dy).all() & torch.isnan(self.first_bad) & inside
+        self.first_bad = torch.where(new, t.detach(), self.first_bad)
+        self._first_bad_nfe = torch.where(new, self.nfe, self._first_bad_nfe)
         return dy
+
+    @property
+    def first_bad_nfe(self) -> int:
+        return int(self._first_bad_nfe)
 
 
 def _probes(w0: Tensor, trace: str, num_probes: int, seed: int) -> tuple[Tensor, float]:
@@ -161,6 +170,8 @@ def solve(
     atol: float | None = None,
     step_size: float | None = None,
     max_num_steps: int = 10_000,
+    first_step: float | None = None,
+    adjoint: bool = False,
 ) -> tuple[Tensor, Tensor | None, SolveInfo]:
     """Integrate the standardized pfODE from ``t0`` to ``t1``.
 
@@ -176,6 +187,9 @@ def solve(
             state is standardized, so both are on the same scale).
         step_size: fixed-step size (default ``|t1 - t0| / 100``).
         max_num_steps: step budget of adaptive solvers.
+        adjoint: backpropagate with the adjoint method (a second ODE solved backward, memory
+            independent of the number of steps) instead of through the solver's operations.
+            Gradients flow to ``w0`` only: the field's weights are treated as constants.
 
     Returns:
         ``w1`` ``(*, D)``, the log-det ``(*)`` or ``None``, and a :class:`SolveInfo`.
@@ -193,17 +207,32 @@ def solve(
         raise ValueError(f"rtol, atol: expected positive tolerances, got {rtol}, {atol}")
     func: nn.Module = _Augmented(field, *_probes(w0, trace, num_probes, seed)) if logdet else field
     y0 = torch.cat([w0, w0.new_zeros(*w0.shape[:-1], 1)], dim=-1) if logdet else w0
-    counted = _Counted(func, y0)
+    counted = _Counted(func, y0, (t0, t1))
     options: dict = {}
     if method in ADAPTIVE:
         options = {"max_num_steps": max_num_steps, "norm": _pointwise_norm}
+        if first_step is not None:
+            options["first_step"] = first_step
     else:
         options = {"step_size": step_size or abs(t1 - t0) / 100}
     times = torch.tensor([t0, t1], dtype=w0.dtype, device=w0.device)
     try:
-        y1 = odeint(counted, y0, times, method=method, rtol=rtol, atol=atol, options=options)[-1]
+        if adjoint:
+            y1 = odeint_adjoint(counted, y0, times, method=method, rtol=rtol, atol=atol,
+                                options=options, adjoint_params=())[-1]
+        else:
+            y1 = odeint(counted, y0, times, method=method, rtol=rtol, atol=atol,
+                        options=options)[-1]
     except (AssertionError, torch.linalg.LinAlgError) as e:
         reached = float("nan") if counted.last_t is None else float(counted.last_t)
+        bad = float(counted.first_bad)
+        if not math.isnan(bad):
+            raise SolverError(
+                f"ODE solve from t={t0:.4g} to t={t1:.4g} failed: the vector field returned "
+                f"non-finite values (first at t={bad:.4g}, evaluation {counted.first_bad_nfe}) "
+                f"and the step size collapsed at t={reached:.4g} ({e}); check the denoiser "
+                f"and the input for extreme values"
+            ) from e
         raise SolverError(
             f"ODE solve from t={t0:.4g} to t={t1:.4g} failed at t={reached:.4g} after "
             f"{counted.nfe} evaluations ({e}); loosen rtol/atol, raise max_num_steps or "
@@ -213,8 +242,8 @@ def solve(
         bad = float(counted.first_bad)
         raise SolverError(
             f"ODE solve from t={t0:.4g} to t={t1:.4g} produced non-finite values "
-            f"(first at t={bad:.4g}, after {counted.nfe} evaluations); try method='dopri5' "
-            f"or tighter tolerances"
+            f"(first at t={bad:.4g}, evaluation {counted.first_bad_nfe} of {counted.nfe}); "
+            f"try method='dopri5' or tighter tolerances"
         )
     info = SolveInfo(counted.nfe, method, float(rtol), float(atol), float(t0), float(t1))
     if logdet:

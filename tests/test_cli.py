@@ -47,8 +47,9 @@ def test_train_encode_decode_sample_log_prob(trained, capsys):
     assert Z.shape == (2000, 2) and S.shape == (7, 2) and LP.shape == (2000,)
     assert np.abs(X - D).max() < 1e-2 and np.isfinite(LP).all()
     api = InflationaryFlow.load(flow).encode(torch.as_tensor(D[:5]), rtol=1e-6)
-    # adaptive steps depend on the batch, so a different batch agrees to the tolerance only
-    assert np.allclose(api.numpy(), Z[:5], atol=1e-4)
+    # adaptive steps depend on the batch, so a different batch agrees only to the global
+    # error of a float32 solve at rtol 1e-6 (local tolerance times the growth along [0, T])
+    assert np.allclose(api.numpy(), Z[:5], atol=1e-3)
     assert "evaluations" in capsys.readouterr().err
 
 

@@ -1,0 +1,241 @@
+"""Inference in the flow's Gaussian latent, on Pyro's own machinery.
+
+:func:`reparam_flow_priors` rewrites every latent site whose distribution is an
+:class:`~pyro_inflow.InflationaryFlowPrior` with Pyro's ``TransformReparam``: the sampler sees a
+standard Normal site ``"{name}_base"`` of the latent dimension, and the data-space value
+``x = decode(z)`` becomes a deterministic site ``name`` (a masked ``Delta``). Any Pyro
+algorithm then runs on the rewritten model: ``NUTS``, ``HMC``, ``SVI`` with any autoguide,
+``Predictive``, several chains. :func:`latent_nuts`, :func:`latent_svi` and
+:func:`posterior_samples` are short cuts for the common cases.
+
+Example:
+    >>> def model(y):
+    ...     x = pyro.sample("x", flow.prior())
+    ...     pyro.sample("y", dist.Normal(x.sum(-1), 0.3), obs=y)
+    >>> mcmc = latent_nuts(model, torch.tensor(0.5), num_samples=500)  # doctest: +SKIP
+    >>> posterior_samples(mcmc)["x"].shape  # doctest: +SKIP
+    torch.Size([500, 2])
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, autoguide
+from pyro.infer.reparam import TransformReparam
+from tqdm.auto import tqdm
+
+from .distributions import InflationaryFlowPrior
+
+__all__ = ["reparam_flow_priors", "latent_nuts", "latent_svi", "posterior_samples"]
+
+GUIDES = {
+    "normal": autoguide.AutoNormal,
+    "multivariate_normal": autoguide.AutoMultivariateNormal,
+    "lowrank_multivariate_normal": autoguide.AutoLowRankMultivariateNormal,
+    "delta": autoguide.AutoDelta,
+}
+
+
+def _is_flow_prior(fn) -> bool:
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return isinstance(fn, InflationaryFlowPrior)
+
+
+def reparam_flow_priors(model):
+    """Run ``model`` with every latent :class:`InflationaryFlowPrior` site in the flow's latent.
+
+    Sites inside ``pyro.plate`` work too. Observed flow-prior sites are left alone (they are
+    scored with ``log_prob``). The latent site of ``name`` is ``name + "_base"``; ``name``
+    itself holds the data-space value (``Predictive(..., return_sites=[name])`` reads it).
+
+    Args:
+        model: a Pyro model (a callable).
+
+    Returns:
+        The reparametrized model (``pyro.poutine.reparam`` with ``TransformReparam``).
+    """
+    if getattr(model, "_flow_reparam", False):
+        return model  # already rewritten
+
+    def config(msg):
+        if msg["is_observed"] or not _is_flow_prior(msg["fn"]):
+            return None
+        return TransformReparam()
+
+    reparam = poutine.reparam(model, config=config)
+
+    @functools.wraps(model)
+    def wrapped(*args, **kwargs):
+        return reparam(*args, **kwargs)
+
+    wrapped._flow_reparam = True
+    return wrapped
+
+
+def _is_rewritten_site(name, site, nodes) -> bool:
+    """A data-space site left by ``TransformReparam``: a masked ``Delta`` beside ``name_base``."""
+    fn = site["fn"]
+    return (f"{name}_base" in nodes and isinstance(fn, dist.MaskedDistribution)
+            and isinstance(fn.base_dist, dist.Delta))
+
+
+def latent_nuts(
+    model,
+    *args,
+    num_samples: int = 1000,
+    warmup_steps: int | None = None,
+    num_chains: int = 1,
+    seed: int | None = 0,
+    progress: bool = True,
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 10,
+    init_strategy=None,
+    **kwargs,
+) -> MCMC:
+    """NUTS in the latent of every flow prior of ``model``; returns the run ``pyro.infer.MCMC``.
+
+    Args:
+        model: a Pyro model; ``*args`` and ``**kwargs`` are passed to it.
+        num_samples: draws per chain kept after warm-up.
+        warmup_steps: adaptation steps per chain (default ``num_samples``).
+        num_chains: chains (Pyro runs them in parallel processes only when there are more
+            free CPU cores than chains, otherwise one after another).
+        seed: ``pyro.set_rng_seed(seed)`` first; ``None`` leaves the RNG alone.
+        progress: Pyro's progress bar.
+        target_accept_prob, max_tree_depth: NUTS settings.
+        init_strategy: a Pyro init strategy (default ``init_to_median``-like ``init_to_sample``
+            of the latent's standard Normal).
+
+    Returns:
+        The MCMC object: ``mcmc.get_samples()`` holds the latent sites ``"{name}_base"``;
+        :func:`posterior_samples` adds the data-space values.
+    """
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    kernel = NUTS(reparam_flow_priors(model), target_accept_prob=target_accept_prob,
+                  max_tree_depth=max_tree_depth,
+                  init_strategy=init_strategy or pyro.infer.autoguide.init_to_sample)
+    mcmc = MCMC(kernel, num_samples=num_samples,
+                warmup_steps=num_samples if warmup_steps is None else warmup_steps,
+                num_chains=num_chains, disable_progbar=not progress)
+    mcmc.run(*args, **kwargs)
+    return mcmc
+
+
+def latent_svi(
+    model,
+    *args,
+    guide="multivariate_normal",
+    num_steps: int = 2000,
+    lr: float = 0.01,
+    num_particles: int = 1,
+    seed: int | None = 0,
+    progress: bool = True,
+    **kwargs,
+):
+    """Fit an autoguide in the latent of every flow prior of ``model`` by SVI (Adam, ELBO).
+
+    Args:
+        model: a Pyro model; ``*args`` and ``**kwargs`` are passed to it.
+        guide: ``"normal"`` (mean-field ``AutoNormal``), ``"multivariate_normal"``,
+            ``"lowrank_multivariate_normal"``, ``"delta"``, or an autoguide class or instance
+            built on ``reparam_flow_priors(model)``.
+        num_steps, lr, num_particles: optimization settings: ``ClippedAdam`` with the
+            learning rate decaying from ``lr`` to ``lr / 10``; several particles are
+            vectorized (the model must broadcast over a leading batch dimension).
+        seed: ``pyro.set_rng_seed(seed)`` and a cleared param store first; ``None`` leaves
+            both alone.
+        progress: a tqdm bar with the loss.
+
+    Returns:
+        The fitted guide; its ``losses`` attribute holds the ELBO loss per step. Only the
+        guide's parameters are trained: the flow's weights are frozen.
+    """
+    latent_model = reparam_flow_priors(model)
+    if isinstance(guide, str):
+        if guide not in GUIDES:
+            raise ValueError(f"guide: expected one of {sorted(GUIDES)} or an autoguide, "
+                             f"got {guide!r}")
+        guide = GUIDES[guide](latent_model)
+    elif isinstance(guide, type):
+        guide = guide(latent_model)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+        pyro.clear_param_store()
+    # Adam whose learning rate decays 10x over the run, so the last iterates settle
+    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1.0 / max(num_steps, 1))})
+    svi = SVI(latent_model, guide, optim,
+              Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1))
+    losses = []
+    with tqdm(range(num_steps), desc="SVI", disable=not progress, leave=False) as bar:
+        for step in bar:
+            losses.append(svi.step(*args, **kwargs))
+            if step % 50 == 0 or step == num_steps - 1:
+                bar.set_postfix(loss=f"{losses[-1]:.4g}")
+    guide.losses = losses
+    guide.latent_model = latent_model  # autoguides keep an init-wrapped copy as guide.model
+    return guide
+
+
+def posterior_samples(
+    fitted,
+    *args,
+    model=None,
+    num_samples: int = 1000,
+    group_by_chain: bool = False,
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    """Posterior draws in both coordinates: the latent sites and the data-space flow sites.
+
+    Args:
+        fitted: an ``MCMC`` run by :func:`latent_nuts` (or any MCMC on a
+            :func:`reparam_flow_priors` model), or a guide from :func:`latent_svi` (any
+            autoguide on such a model).
+        *args, **kwargs: the model's arguments (default for MCMC: those of its run).
+        model: the model, when it cannot be read from ``fitted`` (an autoguide not made by
+            :func:`latent_svi`); it is passed through :func:`reparam_flow_priors`.
+        num_samples: draws from a guide (MCMC returns all its draws).
+        group_by_chain: MCMC only: shape ``(chains, draws, ...)`` instead of ``(draws, ...)``.
+
+    Returns:
+        ``{site: tensor}`` with every latent site, every rewritten flow site ``name`` (data
+        space, ``(..., D)``) and every ``pyro.deterministic`` site.
+    """
+    if isinstance(fitted, MCMC):
+        model = model or fitted.kernel.model
+        if not args and not kwargs:
+            args, kwargs = fitted._args, fitted._kwargs
+    elif callable(fitted):
+        model = model or getattr(fitted, "latent_model", None)
+        if model is None:
+            raise TypeError("posterior_samples: pass model= for a guide not made by latent_svi")
+    else:
+        raise TypeError(f"fitted: expected an MCMC or a guide, got {type(fitted).__name__}")
+    model = reparam_flow_priors(model)
+    with torch.no_grad():
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    nodes = trace.nodes
+    names = [name for name, site in nodes.items() if site["type"] == "sample" and (
+        not site["is_observed"] or site["infer"].get("_deterministic")
+        or _is_rewritten_site(name, site, nodes))]
+    if isinstance(fitted, MCMC):
+        grouped = fitted.get_samples(group_by_chain=True)
+        chains, draws = next(iter(grouped.values())).shape[:2]
+        latent = {k: v.reshape(chains * draws, *v.shape[2:]) for k, v in grouped.items()}
+        predictive = Predictive(model, posterior_samples=latent, return_sites=names,
+                                parallel=True)
+    else:
+        chains, draws = 1, num_samples
+        predictive = Predictive(model, guide=fitted, num_samples=num_samples,
+                                return_sites=names, parallel=True)
+    with torch.no_grad():
+        out = {k: v.detach() for k, v in predictive(*args, **kwargs).items()}
+    if group_by_chain:
+        out = {k: v.reshape(chains, draws, *v.shape[1:]) for k, v in out.items()}
+    return out
