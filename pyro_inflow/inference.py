@@ -109,8 +109,8 @@ def latent_nuts(
         seed: ``pyro.set_rng_seed(seed)`` first; ``None`` leaves the RNG alone.
         progress: Pyro's progress bar.
         target_accept_prob, max_tree_depth: NUTS settings.
-        init_strategy: a Pyro init strategy (default ``init_to_median``-like ``init_to_sample``
-            of the latent's standard Normal).
+        init_strategy: a Pyro init strategy (default ``init_to_sample``: a draw from the
+            latent's standard Normal, a typical point of the prior).
 
     Returns:
         The MCMC object: ``mcmc.get_samples()`` holds the latent sites ``"{name}_base"``;
