@@ -78,7 +78,7 @@ def spline_prior(data: torch.Tensor, steps: int, seed: int = 0):
     """A Pyro spline-coupling flow (4 couplings, alternating halves) fitted by max likelihood."""
     torch.manual_seed(seed)
     layers = []
-    for i in range(4):
+    for _ in range(4):
         layers.append(T.spline_coupling(2, count_bins=16, bound=5.0))
         layers.append(T.Permute(torch.tensor([1, 0])))
     base = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
