@@ -19,8 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
-
 import pyro
 import pyro.distributions as dist
 import torch
@@ -69,13 +67,8 @@ def reparam_flow_priors(model):
         return TransformReparam()
 
     reparam = poutine.reparam(model, config=config)
-
-    @functools.wraps(model)
-    def wrapped(*args, **kwargs):
-        return reparam(*args, **kwargs)
-
-    wrapped._flow_reparam = True
-    return wrapped
+    reparam._flow_reparam = True
+    return reparam
 
 
 def _is_rewritten_site(name, site, nodes) -> bool:

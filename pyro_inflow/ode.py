@@ -22,6 +22,7 @@ solve. Precision follows the state's dtype (float64 is recommended for log-densi
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -116,7 +117,9 @@ class _Counted(nn.Module):
 
     def __init__(self, func: nn.Module, like: Tensor, span: tuple[float, float]) -> None:
         super().__init__()
-        self.func, self.nfe, self.last_t, self.span = func, 0, None, span
+        self.func, self.nfe, self.last_t = func, 0, None
+        self.lo, self.hi = (torch.tensor(min(span), dtype=like.dtype, device=like.device),
+                            torch.tensor(max(span), dtype=like.dtype, device=like.device))
         self.first_bad = torch.full((), math.nan, dtype=like.dtype, device=like.device)
         self._first_bad_nfe = torch.zeros((), dtype=torch.long, device=like.device)
 
@@ -126,9 +129,10 @@ class _Counted(nn.Module):
         dy = self.func(t, y)
         # recorded on the device, without a host sync per evaluation
         # (the solver's initial step selection may probe times outside the span: ignored)
-        inside = (t.detach() - self.span[0]) * (t.detach() - self.span[1]) <= 0
-        new = ~torch.isfinite(dy).all() & torch.isnan(self.first_bad) & inside
-        self.first_bad = torch.where(new, t.detach(), self.first_bad)
+        t = t.detach()
+        new = ~torch.isfinite(dy).all() & torch.isnan(self.first_bad) & (t >= self.lo) & (
+            t <= self.hi)
+        self.first_bad = torch.where(new, t, self.first_bad)
         self._first_bad_nfe = torch.where(new, self.nfe, self._first_bad_nfe)
         return dy
 
@@ -217,12 +221,9 @@ def solve(
         options = {"step_size": step_size or abs(t1 - t0) / 100}
     times = torch.tensor([t0, t1], dtype=w0.dtype, device=w0.device)
     try:
-        if adjoint:
-            y1 = odeint_adjoint(counted, y0, times, method=method, rtol=rtol, atol=atol,
-                                options=options, adjoint_params=())[-1]
-        else:
-            y1 = odeint(counted, y0, times, method=method, rtol=rtol, atol=atol,
-                        options=options)[-1]
+        integrate = functools.partial(odeint_adjoint, adjoint_params=()) if adjoint else odeint
+        y1 = integrate(counted, y0, times, method=method, rtol=rtol, atol=atol,
+                       options=options)[-1]
     except (AssertionError, torch.linalg.LinAlgError) as e:
         reached = float("nan") if counted.last_t is None else float(counted.last_t)
         bad = float(counted.first_bad)

@@ -94,7 +94,7 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def signal_time(sched: InflationSchedule, lam: Tensor) -> float:
+def _signal_time(sched: InflationSchedule, lam: Tensor) -> float:
     """First time at which ``gamma_i(t) >= e^2 lam_i`` in every kept dimension (at most ``T``)."""
     kept = sched.kept
     lam_k = lam[kept].to(torch.float64).clamp_min(1e-300)
@@ -223,7 +223,7 @@ class _StopFlag:
 def _loop(cfg, model, ema, opt, gen, u_train, val, history, start, wall0, progress, save,
           checkpoint_every):
     n = u_train.shape[0]
-    T = (model.schedule.t_max, signal_time(model.schedule, model.lam))
+    times = (model.schedule.t_max, _signal_time(model.schedule, model.lam))
     params = list(model.network.parameters())
     ema_params = list(ema.network.parameters())
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="training",
@@ -235,7 +235,7 @@ def _loop(cfg, model, ema, opt, gen, u_train, val, history, start, wall0, progre
             for step in range(start, cfg.steps):
                 if stop.raised:
                     raise KeyboardInterrupt
-                loss = _step(cfg, step, model, opt, params, ema_params, gen, u_train, n, T)
+                loss = _step(cfg, step, model, opt, params, ema_params, gen, u_train, n, times)
                 running, since = running + loss, since + 1
                 done = step + 1
                 if done % cfg.eval_every == 0 or done == cfg.steps:
@@ -254,11 +254,11 @@ def _loop(cfg, model, ema, opt, gen, u_train, val, history, start, wall0, progre
     bar.close()
 
 
-def _step(cfg, step, model, opt, params, ema_params, gen, u_train, n, T) -> Tensor:
+def _step(cfg, step, model, opt, params, ema_params, gen, u_train, n, times) -> Tensor:
     for group in opt.param_groups:
         group["lr"] = _lr_at(step, cfg)
     idx = torch.randint(n, (cfg.batch_size,), generator=gen)
-    t_max, t_signal = T
+    t_max, t_signal = times
     t = torch.rand(cfg.batch_size, generator=gen, dtype=u_train.dtype)
     focus = torch.rand(cfg.batch_size, generator=gen) < cfg.signal_fraction
     t = t * torch.where(focus, t_signal, t_max)
