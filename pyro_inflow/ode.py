@@ -36,7 +36,19 @@ from .denoisers import Denoiser
 __all__ = ["ProbabilityFlow", "SolveInfo", "SolverError", "solve", "ADAPTIVE", "FIXED"]
 
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-FIXED = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
+FIXED = ("warped_rk4", "euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
+#: Steps of ``method="warped_rk4"`` unless ``num_steps`` says otherwise (measured in
+#: ``benchmarks/bench_solvers.py``: 12 steps, 98 evaluations per roundtrip, beat the authors'
+#: Euler with h = 0.01 on the toys and the exact mixtures).
+WARPED_STEPS = 12
+#: Exponent of the time warp: steps are dense where ``max_i |dtheta_i/dt|`` is large.
+WARP_POWER = 0.5
+#: Default error budget of ``warped_rk4`` (checked against its estimate); adaptive methods
+#: default to ``rtol = 1e-5``.
+WARPED_RTOL = 1e-2
+#: Without ``num_steps``, ``warped_rk4`` doubles its steps from ``WARPED_STEPS`` until the
+#: error estimate meets ``rtol``, up to this many.
+WARPED_MAX_STEPS = 768
 TRACES = ("exact", "hutchinson")
 
 
@@ -46,7 +58,12 @@ class SolverError(RuntimeError):
 
 @dataclass(frozen=True)
 class SolveInfo:
-    """What one solve did: function evaluations, solver and tolerances, time span."""
+    """What one solve did: function evaluations, solver and tolerances, time span.
+
+    ``error`` is the solver's own estimate of its global error (largest per-point RMS over the
+    state, standardized units) and ``num_steps`` the steps taken, where the method has them
+    (``warped_rk4``), else ``None``.
+    """
 
     nfe: int
     method: str
@@ -54,6 +71,8 @@ class SolveInfo:
     atol: float
     t0: float
     t1: float
+    error: float | None = None
+    num_steps: int | None = None
 
 
 class ProbabilityFlow(nn.Module):
@@ -152,6 +171,115 @@ def _probes(w0: Tensor, trace: str, num_probes: int, seed: int) -> tuple[Tensor,
     return signs.to(w0.dtype) * 2 - 1, 1.0 / num_probes
 
 
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation of ``fp(xp)`` at ``x`` (``xp`` increasing)."""
+    i = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
+    frac = (x - xp[i - 1]) / (xp[i] - xp[i - 1])
+    return fp[i - 1] + frac * (fp[i] - fp[i - 1])
+
+
+@functools.lru_cache(maxsize=64)
+def _warped_grid(lam: tuple, rate: tuple, gamma0: float, t_max: float,
+                 num_steps: int) -> tuple[Tensor, Tensor]:
+    """Times ``(N, 3)`` and ``dt/dtau`` ``(N, 3)`` of the RK4 stages (start, middle, end).
+
+    The field is ``dw_i/dt = -(d theta_i/dt) F_i`` with ``F`` of order one and the angle
+    ``theta_i = arctan sqrt(gamma_i / lam_i)``, whose speed ``|d theta_i/dt|`` is a bump of
+    height ``|rate_i| / 4`` where ``gamma_i = lam_i``, decaying as ``exp(-|rate_i t| / 2)``
+    away from it: it says where in time each dimension moves. The warped time
+    ``tau in [0, 1]`` has ``dtau/dt`` proportional to ``max_i |dtheta_i/dt| ** WARP_POWER``
+    (measured best among 0, 1/3, 1/2 and 1 for RK4 on the toys): uniform steps in ``tau``
+    are dense where some dimension moves fast and sparse in the tails. Float64 on the CPU,
+    computed once.
+    """
+    lam_t = torch.tensor(lam, dtype=torch.float64)
+    rate_t = torch.tensor(rate, dtype=torch.float64)
+    tt = torch.linspace(0.0, t_max, 8193, dtype=torch.float64)
+
+    def density(t: Tensor) -> Tensor:
+        gamma = gamma0 * torch.exp(t.unsqueeze(-1) * rate_t)
+        speed = 0.5 * rate_t.abs() * torch.sqrt(lam_t * gamma) / (lam_t + gamma)
+        return speed.amax(-1).clamp_min(1e-12) ** WARP_POWER
+
+    m = density(tt)
+    tau = torch.cat([tt.new_zeros(1), torch.cumsum(0.5 * (m[1:] + m[:-1]) * tt.diff(), 0)])
+    total = tau[-1]
+    nodes = torch.linspace(0.0, 1.0, 2 * num_steps + 1, dtype=torch.float64)
+    t_nodes = _interp(nodes, tau / total, tt)
+    t_nodes[0], t_nodes[-1] = 0.0, t_max
+    dt_dtau = total / density(t_nodes)
+    idx = torch.arange(num_steps) * 2
+    stages = torch.stack([idx, idx + 1, idx + 2], -1)
+    return t_nodes[stages], dt_dtau[stages]
+
+
+def _warped_rk4(func: nn.Module, y0: Tensor, field: ProbabilityFlow, t0: float, t1: float,
+                num_steps: int) -> tuple[Tensor, Tensor]:
+    r"""Classic RK4 with ``num_steps`` uniform steps in the warped time ``tau``.
+
+    In ``tau`` the ODE is ``dy/dtau = f(t(tau), y) dt/dtau``. The stage at the end of a step is
+    the next step's first stage, so the embedded third-order solution
+    ``b = (1/6, 1/3, 1/3, 0, 1/6)`` (the fourth stage replaced by the end-point slope) costs one
+    extra evaluation per solve; ``h/6 |k4 - k5|`` summed over steps estimates the global error.
+    The same grid serves both directions, so encode and decode are inverse to that error.
+
+    Returns:
+        ``y1`` and the error estimate ``(*)`` per point (RMS over the state).
+    """
+    sched = field.schedule
+    key = (tuple(field.lam.tolist()), tuple(sched.rate.tolist()), float(sched.gamma0),
+           float(sched.t_max), num_steps)
+    times, scale = (v.to(device=y0.device, dtype=y0.dtype) for v in _warped_grid(*key))
+    if t0 > t1:
+        times, scale = times.flip(0, 1), -scale.flip(0, 1)
+    h = 1.0 / num_steps
+    y, err = y0, torch.zeros_like(y0)
+    k1 = func(times[0, 0], y) * scale[0, 0]
+    for n in range(num_steps):
+        t, c = times[n], scale[n]
+        k2 = func(t[1], y + 0.5 * h * k1) * c[1]
+        k3 = func(t[1], y + 0.5 * h * k2) * c[1]
+        k4 = func(t[2], y + h * k3) * c[2]
+        y = y + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+        k5 = func(t[2], y) * c[2]
+        err = err + (h / 6) * (k4 - k5).detach().abs()
+        k1 = k5
+    return y, err.square().mean(-1).sqrt()
+
+
+def _solve_warped(counted: _Counted, field: ProbabilityFlow, y0: Tensor, t0: float, t1: float,
+                  num_steps: int | None, rtol: float, atol: float, logdet: bool):
+    if {t0, t1} != {0.0, float(field.schedule.t_max)}:
+        raise ValueError(f"method='warped_rk4' integrates between 0 and t_max="
+                         f"{field.schedule.t_max:.4g}, got t0={t0:.4g}, t1={t1:.4g}")
+    steps = num_steps or WARPED_STEPS
+    while True:
+        y1, err = _warped_rk4(counted, y0, field, t0, t1, steps)
+        if not torch.isfinite(y1).all():
+            bad = float(counted.first_bad)
+            raise SolverError(
+                f"ODE solve from t={t0:.4g} to t={t1:.4g} produced non-finite values "
+                f"(first at t={bad:.4g}, evaluation {counted.first_bad_nfe} of {counted.nfe}); "
+                f"check the denoiser and the input for extreme values"
+            )
+        error = float(err.max()) if err.numel() else 0.0
+        if error <= rtol:
+            break
+        if num_steps is not None or 2 * steps > WARPED_MAX_STEPS:
+            raise SolverError(
+                f"ODE solve from t={t0:.4g} to t={t1:.4g} with warped_rk4 ({steps} steps) has "
+                f"an estimated error of {error:.2e}, over rtol={rtol:g}; "
+                + ("raise num_steps, " if num_steps is not None else "")
+                + "loosen rtol or use method='dopri5'"
+            )
+        steps *= 2
+    info = SolveInfo(counted.nfe, "warped_rk4", float(rtol), float(atol), float(t0), float(t1),
+                     error, steps)
+    if logdet:
+        return y1[..., :-1], y1[..., -1], info
+    return y1, None, info
+
+
 def _pointwise_norm(x: Tensor) -> Tensor:
     """Largest per-point RMS over the last dimension: every point meets the tolerance."""
     if x.dim() < 2:
@@ -170,9 +298,10 @@ def solve(
     num_probes: int = 8,
     seed: int = 0,
     method: str = "dopri5",
-    rtol: float = 1e-5,
+    rtol: float | None = None,
     atol: float | None = None,
     step_size: float | None = None,
+    num_steps: int | None = None,
     max_num_steps: int = 10_000,
     first_step: float | None = None,
     adjoint: bool = False,
@@ -186,10 +315,19 @@ def solve(
         logdet: also integrate ``log |det dw(t1)/dw(t0)|``.
         trace: ``"exact"`` or ``"hutchinson"`` (Rademacher probes drawn once from ``seed``).
         num_probes: Hutchinson probes.
-        method: a torchdiffeq solver: adaptive ``ADAPTIVE`` or fixed-step ``FIXED``.
-        rtol, atol: adaptive tolerances per point (``atol=None`` means ``atol = rtol``; the
-            state is standardized, so both are on the same scale).
-        step_size: fixed-step size (default ``|t1 - t0| / 100``).
+        method: ``"warped_rk4"`` (this package's fixed-grid solver: RK4 in a warped time that
+            puts steps where the flow moves, with an embedded error estimate) or a torchdiffeq
+            solver, adaptive (``ADAPTIVE``) or fixed-step (``FIXED``).
+        rtol, atol: adaptive tolerances per point (default ``1e-5``; ``atol=None`` means
+            ``atol = rtol``; the state is standardized, so both are on the same scale). For
+            ``warped_rk4``, ``rtol`` (default ``WARPED_RTOL``) is the error budget: without
+            ``num_steps`` the steps double from ``WARPED_STEPS`` until the error estimate
+            meets it; with ``num_steps``, or past ``WARPED_MAX_STEPS``, a solve whose estimate
+            exceeds it raises :class:`SolverError`.
+        step_size: fixed-step size of torchdiffeq's fixed-step methods (default
+            ``|t1 - t0| / 100``).
+        num_steps: fixed steps of ``warped_rk4`` (``4 * num_steps + 1`` evaluations); ``None``
+            chooses them from ``rtol``.
         max_num_steps: step budget of adaptive solvers.
         adjoint: backpropagate with the adjoint method (a second ODE solved backward, memory
             independent of the number of steps) instead of through the solver's operations.
@@ -206,12 +344,22 @@ def solve(
         raise ValueError(f"method: expected one of {ADAPTIVE + FIXED}, got {method!r}")
     if trace not in TRACES:
         raise ValueError(f"trace: expected one of {TRACES}, got {trace!r}")
+    if rtol is None:
+        rtol = WARPED_RTOL if method == "warped_rk4" else 1e-5
     atol = rtol if atol is None else atol
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol, atol: expected positive tolerances, got {rtol}, {atol}")
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int)
+                                  or num_steps < 1):
+        raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
+    if adjoint and method == "warped_rk4":
+        raise ValueError("adjoint: the adjoint method needs a torchdiffeq solver (e.g. "
+                         "method='dopri5'); warped_rk4 backpropagates through its steps")
     func: nn.Module = _Augmented(field, *_probes(w0, trace, num_probes, seed)) if logdet else field
     y0 = torch.cat([w0, w0.new_zeros(*w0.shape[:-1], 1)], dim=-1) if logdet else w0
     counted = _Counted(func, y0, (t0, t1))
+    if method == "warped_rk4":
+        return _solve_warped(counted, field, y0, t0, t1, num_steps, rtol, atol, logdet)
     options: dict = {}
     if method in ADAPTIVE:
         options = {"max_num_steps": max_num_steps, "norm": _pointwise_norm}

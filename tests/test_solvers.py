@@ -1,0 +1,69 @@
+"""The fixed-grid ``warped_rk4`` solver against references and the authors' Euler."""
+
+import pytest
+import torch
+from _helpers import mixture_distribution, random_mixture
+
+from pyro_inflow import InflationaryFlow, SolverError
+from pyro_inflow.ode import WARPED_STEPS, solve
+
+
+def euler(flow, w, t0, t1, h=0.01):
+    """The authors' fixed-step Euler in t with step h (their toys: h = 0.01)."""
+    n = round(abs(t1 - t0) / h)
+    ts = torch.linspace(t0, t1, n + 1, dtype=w.dtype)
+    for k in range(n):
+        w = w + flow.field(ts[k], w) * (ts[k + 1] - ts[k])
+    return w, n
+
+
+@pytest.mark.parametrize("D, schedule, d", [(2, "prp", None), (3, "prp", None), (3, "prr", 2)])
+def test_roundtrip_beats_authors_euler_in_at_most_100_evaluations(D, schedule, d):
+    w, m, S = random_mixture(3, D, seed=D)
+    flow = InflationaryFlow.from_gaussian_mixture(w, m, S, schedule=schedule, dims_to_keep=d)
+    x = mixture_distribution(w, m, S).sample((200,))
+    T = flow.schedule.t_max
+    with torch.no_grad():
+        w0 = flow.basis.to_eigen(x) / flow._sigma0_root()
+        ref = solve(flow.field, w0, 0.0, T, rtol=1e-10)[0]
+        we, n_enc = euler(flow, w0, 0.0, T)
+        back_e, n_dec = euler(flow, we, T, 0.0)
+        wr, _, enc = solve(flow.field, w0, 0.0, T, method="warped_rk4")
+        back_r, _, dec = solve(flow.field, wr, T, 0.0, method="warped_rk4")
+    assert enc.num_steps == dec.num_steps == WARPED_STEPS
+    assert enc.nfe + dec.nfe <= 100 and (n_enc + n_dec) / (enc.nfe + dec.nfe) > 20
+    rms = lambda a, b: (a - b).square().sum(-1).mean().sqrt()  # noqa: E731
+    assert rms(back_r, w0) < rms(back_e, w0)  # invertible to better than Euler
+    assert rms(wr, ref) < 2 * rms(we, ref)  # and about as accurate one way
+    # the reported estimate bounds the actual per-point error (within a factor of 2)
+    per_point = (wr - ref).square().mean(-1).sqrt()
+    assert per_point.max() < 2 * enc.error and enc.error < 1e-2
+
+
+def test_error_budget_doubles_the_steps_or_raises(mixture2):
+    flow = InflationaryFlow.from_gaussian_mixture(*mixture2)
+    x = flow.sample(100, seed=1)
+    ref = flow.encode(x, rtol=1e-10)
+    z = flow.encode(x, method="warped_rk4", rtol=1e-5)
+    info = flow.last_solve
+    assert info.num_steps > WARPED_STEPS and info.error <= 1e-5
+    assert (z - ref).abs().max() < 2e-5
+    with pytest.raises(SolverError, match=r"estimated error .* over rtol=1e-07; raise num_steps"):
+        flow.encode(x, method="warped_rk4", num_steps=4, rtol=1e-7)
+    with pytest.raises(ValueError, match="adjoint"):
+        flow.encode(x, method="warped_rk4", adjoint=True)
+    with pytest.raises(ValueError, match="num_steps"):
+        flow.encode(x, method="warped_rk4", num_steps=0)
+
+
+def test_gaussian_flow_is_exact_and_log_prob_matches_dopri5(mixture2):
+    cov = torch.tensor([[2.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
+    gauss = InflationaryFlow.from_gaussian_mixture(torch.ones(1), torch.zeros(1, 2), cov[None])
+    x = torch.randn(50, 2, dtype=torch.float64)
+    z = gauss.encode(x, method="warped_rk4")
+    assert gauss.last_solve.error < 1e-12  # the field is zero: nothing to get wrong
+    assert torch.allclose(z, gauss.encode(x), atol=1e-12)
+    flow = InflationaryFlow.from_gaussian_mixture(*mixture2)
+    x = flow.sample(50, seed=2)
+    lp = flow.log_prob(x, method="warped_rk4")
+    assert torch.allclose(lp, flow.log_prob(x, rtol=1e-9), atol=5e-3)
