@@ -3,11 +3,16 @@
 1. Gradients through the decode: direct backpropagation vs the adjoint method, at three
    tolerances and two batch sizes (median wall time of decode + backward, NFE, decode error
    against an rtol=1e-9 reference, largest gradient difference between the two methods).
+   The prior's default, ``warped_rk4`` (fixed grid, direct backpropagation), is in the table.
 2. A 2-D moons prior and one ambiguous observation ``y = x0 + x1 + Normal(0, 0.3)``, y = 0.5:
    NUTS in the latent of our prior vs NUTS directly on x under a Pyro spline-coupling flow
-   prior trained on the same data, both in this run: held-out log-likelihood of each prior,
-   wall time, ESS bulk/tail (ArviZ, data coordinates, worst coordinate) per second,
-   divergences and the cost of one potential-energy gradient.
+   prior trained on the same data, both in this run, 4 chains each from dispersed starts:
+   held-out log-likelihood of each prior, wall time, ESS bulk/tail (ArviZ, data
+   coordinates, worst coordinate; over all chains and per chain) per second, R-hat,
+   divergences, the cost of one potential-energy gradient, and the posterior mass of the
+   right-hand moon (x0 > 0) against its value by quadrature under the same prior. The
+   posterior is bimodal: a chain that stays in one moon has a fine single-chain ESS and a
+   wrong answer, which only the several-chain figures show.
 
     python benchmarks/bench_pyro.py [--quick]
 
@@ -50,6 +55,21 @@ def gradient_table(flow, repeats: int) -> list[dict]:
     for batch in (1, 256):
         z0 = torch.randn(batch, 2, generator=gen)
         ref = flow.decode(z0, rtol=1e-9)
+        for steps in (12, 8):
+            z = z0.clone().requires_grad_(True)
+
+            def fixed(z=z, steps=steps):
+                z.grad = None
+                x = flow.decode(z, method="warped_rk4", num_steps=steps, rtol=1.0)
+                x.square().sum().backward()
+                return x
+
+            x = fixed()
+            rows.append({"batch": batch, "rtol": None, "method": f"warped_rk4 N={steps}",
+                         "median_s": median_time(fixed, repeats),
+                         "forward_nfe": flow.last_solve.nfe,
+                         "decode_err_max": float((x.detach() - ref).abs().max()),
+                         "grad_diff_vs_direct": None})
         for rtol in (1e-3, 1e-4, 1e-5):
             grads = {}
             for adjoint in (False, True):
@@ -65,7 +85,8 @@ def gradient_table(flow, repeats: int) -> list[dict]:
                 nfe = flow.last_solve.nfe
                 grads[adjoint] = z.grad.clone()
                 rows.append({
-                    "batch": batch, "rtol": rtol, "method": "adjoint" if adjoint else "direct",
+                    "batch": batch, "rtol": rtol,
+                    "method": "dopri5 adjoint" if adjoint else "dopri5 direct",
                     "median_s": median_time(step, repeats), "forward_nfe": nfe,
                     "decode_err_max": float((x.detach() - ref).abs().max()),
                 })
@@ -108,29 +129,50 @@ def gradient_cost(potential, dim: int, repeats: int) -> float:
     return median_time(step, repeats)
 
 
-def run_nuts(model, num_samples, warmup, seed=0, latent=False) -> dict:
+def run_nuts(model, num_samples, warmup, chains, seed=0, latent=False) -> dict:
     pyro.set_rng_seed(seed)
     tic = time.perf_counter()
     if latent:
         mcmc = pif.latent_nuts(model, num_samples=num_samples, warmup_steps=warmup,
-                               progress=False, seed=seed)
+                               num_chains=chains, progress=False, seed=seed)
         wall = time.perf_counter() - tic
-        x = pif.posterior_samples(mcmc)["x"]
+        x = pif.posterior_samples(mcmc, group_by_chain=True)["x"]
     else:
         mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup,
-                    disable_progbar=True)
+                    num_chains=chains, disable_progbar=True)
         mcmc.run()
         wall = time.perf_counter() - tic
-        x = mcmc.get_samples()["x"]
-    x = x.detach().double().numpy()[None]  # (chain, draw, 2)
-    ess_bulk = min(float(az.ess(x[..., i], method="bulk")) for i in range(2))
-    ess_tail = min(float(az.ess(x[..., i], method="tail")) for i in range(2))
-    div = len(mcmc.diagnostics()["divergences"]["chain 0"])
-    stats = {"wall_s": wall, "ess_bulk": ess_bulk, "ess_tail": ess_tail,
-             "ess_bulk_per_s": ess_bulk / wall, "ess_tail_per_s": ess_tail / wall,
-             "divergences": div, "mean_x": x[0].mean(0).tolist(),
-             "frac_x0_gt_0": float((x[0, :, 0] > 0).mean())}
-    return stats
+        x = mcmc.get_samples(group_by_chain=True)["x"]
+    x = x.detach().double().numpy()  # (chain, draw, 2)
+
+    def worst(fn):
+        return min(float(fn(x[..., i])) for i in range(2))
+
+    ess_bulk = worst(lambda v: az.ess(v, method="bulk"))
+    ess_tail = worst(lambda v: az.ess(v, method="tail"))
+    per_chain = [min(float(az.ess(x[c, :, i], method="bulk")) for i in range(2))
+                 for c in range(chains)]
+    rhat = max(float(az.rhat(x[..., i])) for i in range(2))
+    div = sum(len(v) for v in mcmc.diagnostics()["divergences"].values())
+    return {"wall_s": wall, "chains": chains, "ess_bulk": ess_bulk, "ess_tail": ess_tail,
+            "ess_bulk_per_s": ess_bulk / wall, "ess_tail_per_s": ess_tail / wall,
+            "ess_bulk_single_chain_mean": sum(per_chain) / chains,
+            "ess_bulk_single_chain_per_s": sum(per_chain) / wall, "rhat_max": rhat,
+            "divergences": div, "mean_x": x.reshape(-1, 2).mean(0).tolist(),
+            "frac_x0_gt_0": float((x[..., 0] > 0).mean()),
+            "frac_x0_gt_0_per_chain": (x[..., 0] > 0).mean(1).tolist()}
+
+
+def quadrature_right_moon(log_prior, lo, hi, n: int = 241) -> float:
+    """Posterior mass of x0 > 0 by a grid sum of prior density times likelihood."""
+    g0 = torch.linspace(lo[0], hi[0], n, dtype=torch.float64)
+    g1 = torch.linspace(lo[1], hi[1], n, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(g0, g1, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        lp = torch.cat([log_prior(c) for c in grid.split(8192)])
+    lp = lp + dist.Normal(grid.sum(-1), NOISE).log_prob(torch.tensor(Y_OBS, dtype=grid.dtype))
+    post = torch.softmax(lp, 0)
+    return float(post[grid[:, 0] > 0].sum())
 
 
 def main() -> None:
@@ -139,7 +181,7 @@ def main() -> None:
     ap.add_argument("--rtol", type=float, default=None, help="prior tolerance (default: its own)")
     a = ap.parse_args()
     torch.set_num_threads(1)  # NUTS on one point: threads only add overhead
-    steps, n_samp = (400, 100) if a.quick else (4000, 500)
+    steps, n_samp, chains = (400, 100, 2) if a.quick else (4000, 500, 4)
     data = pif.datasets.load("moons", n=20_000, seed=1).float()
     held = pif.datasets.load("moons", n=5000, seed=2).float()
 
@@ -147,11 +189,14 @@ def main() -> None:
     flow = pif.InflationaryFlow.fit(data, progress=False, steps=steps)
     ours_train = time.perf_counter() - tic
     grads = gradient_table(flow, repeats=3 if a.quick else 7)
-    print(f"{'batch':>5}{'rtol':>8}{'method':>9}{'median ms':>11}{'fwd NFE':>9}"
+    print(f"{'batch':>5}{'rtol':>8}{'method':>18}{'median ms':>11}{'fwd NFE':>9}"
           f"{'decode err':>12}{'|grad diff|':>13}")
     for r in grads:
-        print(f"{r['batch']:>5}{r['rtol']:>8.0e}{r['method']:>9}{1e3 * r['median_s']:>11.1f}"
-              f"{r['forward_nfe']:>9}{r['decode_err_max']:>12.1e}{r['grad_diff_vs_direct']:>13.1e}")
+        rtol = f"{r['rtol']:>8.0e}" if r["rtol"] else f"{'-':>8}"
+        diff = (f"{r['grad_diff_vs_direct']:>13.1e}" if r["grad_diff_vs_direct"] is not None
+                else f"{'-':>13}")
+        print(f"{r['batch']:>5}{rtol}{r['method']:>18}{1e3 * r['median_s']:>11.1f}"
+              f"{r['forward_nfe']:>9}{r['decode_err_max']:>12.1e}{diff}")
 
     spline, spline_train = spline_prior(data, steps=steps)
     with torch.no_grad():
@@ -178,22 +223,33 @@ def main() -> None:
     cost_spline = gradient_cost(
         lambda x: -(spline.log_prob(x) + dist.Normal(x.sum(-1), NOISE).log_prob(y)), 2, 21)
 
-    ours = run_nuts(ours_model, n_samp, n_samp, latent=True)
-    peer = run_nuts(spline_model, n_samp, n_samp)
+    ours = run_nuts(ours_model, n_samp, n_samp, chains, latent=True)
+    peer = run_nuts(spline_model, n_samp, n_samp, chains)
+    lo, hi = (data.amin(0) - 0.5).tolist(), (data.amax(0) + 0.5).tolist()
+    ours["truth_frac_x0_gt_0"] = quadrature_right_moon(
+        lambda c: flow.log_prob(c.to(flow.dtype)).double(), lo, hi)
+    peer["truth_frac_x0_gt_0"] = quadrature_right_moon(
+        lambda c: spline.log_prob(c.float()).double(), lo, hi)
     rows = [("inflationary flow, NUTS in latent", ll_ours, ours_train, cost_ours, ours),
             ("spline coupling, NUTS on x", ll_spline, spline_train, cost_spline, peer)]
-    print(f"\n{'prior':<36}{'held-out LL':>12}{'train s':>9}{'grad ms':>9}{'wall s':>8}"
-          f"{'ESS bulk':>10}{'ESS tail':>10}{'bulk/s':>8}{'tail/s':>8}{'div':>5}")
-    for name, ll, tr, cost, s in rows:
-        print(f"{name:<36}{ll:>12.3f}{tr:>9.1f}{1e3 * cost:>9.2f}{s['wall_s']:>8.1f}"
-              f"{s['ess_bulk']:>10.0f}{s['ess_tail']:>10.0f}{s['ess_bulk_per_s']:>8.2f}"
-              f"{s['ess_tail_per_s']:>8.2f}{s['divergences']:>5}")
-    print(f"ratio ours/peer ESS bulk per second: "
+    print(f"\n{chains} chains x {n_samp} draws (+{n_samp} warm-up) each")
+    print(f"{'prior':<34}{'held-out LL':>12}{'grad ms':>8}{'wall s':>8}{'ESS bulk':>9}"
+          f"{'tail':>6}{'bulk/s':>8}{'1-chain/s':>10}{'R-hat':>7}{'div':>5}"
+          f"{'P(x0>0)':>9}{'truth':>7}")
+    for name, ll, _, cost, s in rows:
+        print(f"{name:<34}{ll:>12.3f}{1e3 * cost:>8.2f}{s['wall_s']:>8.1f}"
+              f"{s['ess_bulk']:>9.0f}{s['ess_tail']:>6.0f}{s['ess_bulk_per_s']:>8.2f}"
+              f"{s['ess_bulk_single_chain_per_s']:>10.2f}{s['rhat_max']:>7.2f}"
+              f"{s['divergences']:>5}{s['frac_x0_gt_0']:>9.2f}{s['truth_frac_x0_gt_0']:>7.2f}")
+        print(f"{'':<34}P(x0>0) per chain: "
+              + " ".join(f"{v:.2f}" for v in s["frac_x0_gt_0_per_chain"]))
+    print(f"ratio ours/peer ESS bulk per second (all chains): "
           f"{ours['ess_bulk_per_s'] / peer['ess_bulk_per_s']:.2f}")
     out = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
         "settings": {"train_steps": steps, "num_samples": n_samp, "warmup": n_samp,
+                     "chains": chains,
                      "prior_options": opts, "y": Y_OBS, "noise": NOISE},
         "gradients": grads,
         "nuts": {"ours": {"heldout_ll": ll_ours, "train_s": ours_train,

@@ -185,6 +185,11 @@ class PreconditionedDenoiser(nn.Module):
         c_noise = c_noise.expand(ut.shape[:-1])
         return c_skip * ut + c_out * self.network(c_in * ut, c_noise)
 
+    def network_at(self, w: Tensor, t: Tensor) -> Tensor:
+        """``F(w, c_noise(t))`` ``(*, D)`` on the standardized input ``w = c_in ut``."""
+        t = _as_time(t, self.lam)
+        return self.network(w, (t / self.schedule.t_max).expand(w.shape[:-1]))
+
     def loss(self, u: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         r"""Denoising score-matching loss ``sum_i (Dn_i - u_i)^2 / c_out_i^2``, shape ``(B,)``.
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torchdiffeq import odeint, odeint_adjoint
 
-from .denoisers import Denoiser
+from .denoisers import Denoiser, PreconditionedDenoiser
 
 __all__ = ["ProbabilityFlow", "SolveInfo", "SolverError", "solve", "ADAPTIVE", "FIXED"]
 
@@ -101,6 +101,12 @@ class ProbabilityFlow(nn.Module):
 
     def forward(self, t: Tensor, w: Tensor) -> Tensor:
         """``dw/dt`` for ``w`` of shape ``(*, D)`` at scalar ``t``."""
+        if isinstance(self.denoiser, PreconditionedDenoiser):
+            # c_skip ut - Dn = -c_out F(c_in ut, c_noise) and c_in ut = w: one network call,
+            # no cancellation between c_skip ut and Dn
+            gamma = self.schedule.gamma(t)
+            coef = (0.5 * self.schedule.rate) * torch.sqrt(self.lam * gamma) / (self.lam + gamma)
+            return -coef * self.denoiser.network_at(w, t)
         sigma = self.sigma(t)
         root = torch.sqrt(sigma)
         ut = w * root
@@ -247,15 +253,20 @@ def _warped_rk4(func: nn.Module, y0: Tensor, field: ProbabilityFlow, t0: float, 
     return y, err.square().mean(-1).sqrt()
 
 
-def _solve_warped(counted: _Counted, field: ProbabilityFlow, y0: Tensor, t0: float, t1: float,
+def _solve_warped(func: nn.Module, field: ProbabilityFlow, y0: Tensor, t0: float, t1: float,
                   num_steps: int | None, rtol: float, atol: float, logdet: bool):
     if {t0, t1} != {0.0, float(field.schedule.t_max)}:
         raise ValueError(f"method='warped_rk4' integrates between 0 and t_max="
                          f"{field.schedule.t_max:.4g}, got t0={t0:.4g}, t1={t1:.4g}")
-    steps = num_steps or WARPED_STEPS
+    steps, nfe = num_steps or WARPED_STEPS, 0
     while True:
-        y1, err = _warped_rk4(counted, y0, field, t0, t1, steps)
+        y1, err = _warped_rk4(func, y0, field, t0, t1, steps)
+        nfe += 4 * steps + 1
         if not torch.isfinite(y1).all():
+            # rare path: solve again, watching every evaluation, to say where it went wrong
+            counted = _Counted(func, y0, (t0, t1))
+            with torch.no_grad():
+                _warped_rk4(counted, y0.detach(), field, t0, t1, steps)
             bad = float(counted.first_bad)
             raise SolverError(
                 f"ODE solve from t={t0:.4g} to t={t1:.4g} produced non-finite values "
@@ -273,8 +284,8 @@ def _solve_warped(counted: _Counted, field: ProbabilityFlow, y0: Tensor, t0: flo
                 + "loosen rtol or use method='dopri5'"
             )
         steps *= 2
-    info = SolveInfo(counted.nfe, "warped_rk4", float(rtol), float(atol), float(t0), float(t1),
-                     error, steps)
+    info = SolveInfo(nfe, "warped_rk4", float(rtol), float(atol), float(t0), float(t1), error,
+                     steps)
     if logdet:
         return y1[..., :-1], y1[..., -1], info
     return y1, None, info
@@ -357,9 +368,9 @@ def solve(
                          "method='dopri5'); warped_rk4 backpropagates through its steps")
     func: nn.Module = _Augmented(field, *_probes(w0, trace, num_probes, seed)) if logdet else field
     y0 = torch.cat([w0, w0.new_zeros(*w0.shape[:-1], 1)], dim=-1) if logdet else w0
-    counted = _Counted(func, y0, (t0, t1))
     if method == "warped_rk4":
-        return _solve_warped(counted, field, y0, t0, t1, num_steps, rtol, atol, logdet)
+        return _solve_warped(func, field, y0, t0, t1, num_steps, rtol, atol, logdet)
+    counted = _Counted(func, y0, (t0, t1))
     options: dict = {}
     if method in ADAPTIVE:
         options = {"max_num_steps": max_num_steps, "norm": _pointwise_norm}

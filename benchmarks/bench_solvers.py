@@ -1,0 +1,123 @@
+"""Issue-5 figures, question 1: network evaluations (NFE) per roundtrip at a given accuracy.
+
+On the same flow, compare the authors' fixed-step Euler (h = 0.01 on [0, T]), torchdiffeq's
+adaptive dopri5 at three tolerances, and this package's ``warped_rk4`` (RK4 in a warped time,
+fixed grid) at several step counts. For each: NFE of an encode + decode roundtrip, the
+roundtrip RMS error in data units, the encode RMS error against an rtol=1e-10 reference
+(standardized latent units), the solver's own error estimate where it has one, and the
+wall time of the roundtrip on all points. Flows: two exact Gaussian mixtures (2-D PRP, 3-D
+PR-reducing to 2) and flows trained with default settings on the five toys.
+
+    python benchmarks/bench_solvers.py [--quick]
+
+Prints a table and writes benchmarks/results/solvers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import pyro_inflow as pif
+from pyro_inflow.ode import solve
+
+
+def mixture(D: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.rand(3, generator=gen) + 0.2
+    m = torch.randn(3, D, generator=gen) * 1.5
+    A = torch.randn(3, D, D, generator=gen) * 0.4
+    return w / w.sum(), m, A @ A.mT + 0.05 * torch.eye(D)
+
+
+def euler(field, w, t0: float, t1: float, h: float = 0.01):
+    n = round(abs(t1 - t0) / h)
+    ts = torch.linspace(t0, t1, n + 1, dtype=w.dtype)
+    for k in range(n):
+        w = w + field(ts[k], w) * (ts[k + 1] - ts[k])
+    return w, n
+
+
+def rows_for(name: str, flow, x) -> list[dict]:
+    flow = flow.double()
+    x = x.double()
+    T, field = flow.schedule.t_max, flow.field
+    root = flow._sigma0_root()
+    w0 = flow.basis.to_eigen(x) / root
+    ref = solve(field, w0, 0.0, T, rtol=1e-10)[0]
+    to_x = lambda w: flow.basis.from_eigen(w * root)  # noqa: E731
+    rms = lambda a, b: float((a - b).square().sum(-1).mean().sqrt())  # noqa: E731
+    cases = [("euler h=0.01", None)]
+    cases += [(f"dopri5 rtol={r:g}", {"method": "dopri5", "rtol": r}) for r in (1e-3, 1e-4, 1e-5)]
+    cases += [(f"warped_rk4 N={n}", {"method": "warped_rk4", "num_steps": n, "rtol": 1.0})
+              for n in (6, 8, 12, 16)]
+    rows = []
+    for label, opts in cases:
+        tic = time.perf_counter()
+        if opts is None:
+            wT, n1 = euler(field, w0, 0.0, T)
+            back, n2 = euler(field, wT, T, 0.0)
+            est = None
+        else:
+            wT, _, i1 = solve(field, w0, 0.0, T, **opts)
+            back, _, i2 = solve(field, wT, T, 0.0, **opts)
+            n1, n2, est = i1.nfe, i2.nfe, i1.error
+        wall = time.perf_counter() - tic
+        rows.append({"flow": name, "T": T, "solver": label, "nfe_roundtrip": n1 + n2,
+                     "roundtrip_rms": rms(to_x(back), x), "encode_rms": rms(wT, ref) /
+                     wT.shape[-1] ** 0.5, "error_estimate": est, "wall_s": wall})
+    euler_row = rows[0]
+    for r in rows:
+        r["nfe_ratio_vs_euler"] = euler_row["nfe_roundtrip"] / r["nfe_roundtrip"]
+        r["beats_euler_roundtrip"] = r["roundtrip_rms"] <= euler_row["roundtrip_rms"]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="exact mixtures and 1 trained toy")
+    ap.add_argument("--points", type=int, default=2000, help="held-out points per flow")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    flows = []
+    for D, sched, d in ((2, "prp", None), (3, "prr", 2)):
+        w, m, S = mixture(D, seed=D)
+        flow = pif.InflationaryFlow.from_gaussian_mixture(w, m, S, schedule=sched,
+                                                          dims_to_keep=d)
+        flows.append((f"mixture D={D} {sched}" + (f" d={d}" if d else ""), flow,
+                      flow.sample(a.points, seed=1)))
+    toys = ["moons"] if a.quick else ["moons", "circles", "sine", "s_curve", "swiss_roll"]
+    for name in toys:
+        data = pif.datasets.load(name, n=20_000, seed=1)
+        flow = pif.InflationaryFlow.fit(data, progress=False, **({"steps": 300} if a.quick
+                                                                  else {}))
+        flows.append((f"{name} (trained)", flow, pif.datasets.load(name, n=a.points, seed=2)))
+    rows = []
+    with torch.no_grad():
+        for name, flow, x in flows:
+            rows += rows_for(name, flow, x)
+    print(f"{'flow':<24}{'solver':<20}{'NFE rt':>7}{'xEuler':>7}{'rt rms':>10}{'enc rms':>10}"
+          f"{'estimate':>10}{'wall s':>8}")
+    for r in rows:
+        est = f"{r['error_estimate']:10.1e}" if r["error_estimate"] is not None else f"{'-':>10}"
+        mark = "" if r["beats_euler_roundtrip"] else "  (worse rt than Euler)"
+        print(f"{r['flow']:<24}{r['solver']:<20}{r['nfe_roundtrip']:>7}"
+              f"{r['nfe_ratio_vs_euler']:>7.1f}{r['roundtrip_rms']:>10.1e}{r['encode_rms']:>10.1e}"
+              f"{est}{r['wall_s']:>8.2f}{mark}")
+    out = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
+                       "threads": torch.get_num_threads()},
+           "points": a.points, "rows": rows}
+    path = Path(__file__).parent / "results" / ("solvers_quick.json" if a.quick else
+                                                "solvers.json")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
