@@ -79,7 +79,8 @@ class InflationaryFlowPrior(dist.TransformedDistribution):
                 f"InflationaryFlowPrior.log_prob: expected values of shape (*, {flow.dim}) "
                 f"for this flow (D={flow.dim}), got shape {tuple(value.shape)}"
             )
-        lp = flow.log_prob(value, full_rank=True, **self.transform.options)
+        t = self.transform
+        lp = t._solved(flow.log_prob(value, full_rank=True, **t.solver_options(trace=True)))
         return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
 
     def __repr__(self) -> str:

@@ -7,18 +7,22 @@ the instantaneous change of variables along a decode.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
 from .flow import InflationaryFlow
+from .ode import WARPED_RTOL, WARPED_STEPS
 
 __all__ = ["InflationaryFlowTransform"]
 
 _SOLVER_KEYS = ("method", "rtol", "atol", "step_size", "num_steps", "max_num_steps", "adjoint")
 #: The prior's solver unless told otherwise: a fixed grid makes the potential a smooth,
 #: deterministic function of the latent (what HMC needs) at about a third of dopri5's cost.
-DEFAULT_SOLVER = {"method": "warped_rk4"}
+DEFAULT_SOLVER = {"method": "warped_rk4", "num_steps": WARPED_STEPS}
 _TRACE_KEYS = ("trace", "num_probes", "seed")
 
 
@@ -38,10 +42,12 @@ class InflationaryFlowTransform(Transform):
         full_rank: for PR-reducing flows, decode the full standardized state ``w(T)``
             ``(*, D)`` (the paper's full-rank model) instead of the kept coordinates.
         method, rtol, atol, step_size, num_steps, max_num_steps: ODE solver settings (see
-            :func:`pyro_inflow.ode.solve`). The default is ``method="warped_rk4"`` with 12
-            steps (49 evaluations per decode) and error budget ``rtol=1e-2``: a fixed grid
-            makes the potential smooth and deterministic, as HMC needs. ``method="dopri5"``
-            gives tolerance-controlled adaptive steps instead.
+            :func:`pyro_inflow.ode.solve`). The default is ``method="warped_rk4"`` with
+            ``num_steps=12`` (49 evaluations per decode): a fixed grid makes the potential a
+            smooth, deterministic function of the latent, as HMC needs. The grid never
+            changes inside inference; instead, the largest error estimate seen is kept in
+            :attr:`max_error` and a warning is issued once per flow if it exceeds ``rtol``
+            (default ``1e-2``). ``method="dopri5"`` gives tolerance-controlled adaptive steps.
         adjoint: backpropagate with the adjoint method instead of through the solver (needs a
             torchdiffeq ``method``).
         trace, num_probes, seed: the divergence estimate of ``log_abs_det_jacobian``
@@ -75,6 +81,43 @@ class InflationaryFlowTransform(Transform):
         default = {"method": "dopri5"} if options.get("adjoint") else DEFAULT_SOLVER
         self.options = {**default, **options}
         self._solver = {k: v for k, v in self.options.items() if k in _SOLVER_KEYS}
+        self._budget = None
+        if self._solver["method"] == "warped_rk4":
+            # a fixed grid: never doubled or raised mid-inference, but watched
+            self._solver.setdefault("num_steps", WARPED_STEPS)
+            self._budget = self._solver.pop("rtol", WARPED_RTOL)
+            self._solver["rtol"] = math.inf
+
+    @property
+    def max_error(self) -> float:
+        """Largest ``warped_rk4`` error estimate of any prior solve on this flow so far.
+
+        Kept on the flow, since models usually build ``flow.prior()`` afresh at every call.
+        """
+        return getattr(self.flow, "_prior_max_error", 0.0)
+
+    def _solved(self, out):
+        """Record the last solve's error estimate; warn once per flow if over the budget."""
+        info = self.flow.last_solve
+        if self._budget is not None and info is not None and info.error is not None:
+            flow = self.flow
+            flow._prior_max_error = max(self.max_error, info.error)
+            if info.error > self._budget and not getattr(flow, "_prior_warned", False):
+                flow._prior_warned = True
+                warnings.warn(
+                    f"InflationaryFlowTransform: warped_rk4 with {info.num_steps} steps "
+                    f"has an estimated error of {info.error:.2e} here, over rtol="
+                    f"{self._budget:g}; the grid stays fixed (max_error keeps the largest); "
+                    f"pass a larger num_steps or method='dopri5' for more accuracy",
+                    stacklevel=3,
+                )
+        return out
+
+    def solver_options(self, trace: bool = False) -> dict:
+        """Keywords for the flow's solves (with the trace options when ``trace``)."""
+        if not trace:
+            return dict(self._solver)
+        return {**self._solver, **{k: v for k, v in self.options.items() if k in _TRACE_KEYS}}
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -111,12 +154,12 @@ class InflationaryFlowTransform(Transform):
     def _call(self, z: Tensor) -> Tensor:
         self._check_shape(z.shape, self.in_dim, "latent")
         if self.full_rank:
-            return self.flow.decode_full(z, **self._solver)
-        return self.flow.decode(z, **self._solver)
+            return self._solved(self.flow.decode_full(z, **self._solver))
+        return self._solved(self.flow.decode(z, **self._solver))
 
     def _inverse(self, x: Tensor) -> Tensor:
         self._check_shape(x.shape, self.out_dim, "data")
-        w = self.flow.encode_full(x, **self._solver)
+        w = self._solved(self.flow.encode_full(x, **self._solver))
         return w if self.full_rank else w[..., self.flow.schedule.kept]
 
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
@@ -128,7 +171,7 @@ class InflationaryFlowTransform(Transform):
                 f"inference, or full_rank=True for a bijection of R^{self.out_dim}"
             )
         self._check_shape(z.shape, self.in_dim, "latent")
-        return self.flow.decode_with_logdet(z, **self.options)[1]
+        return self._solved(self.flow.decode_with_logdet(z, **self.solver_options(True)))[1]
 
     # ------------------------------------------------------------------ plumbing
     def with_cache(self, cache_size: int = 1) -> InflationaryFlowTransform:

@@ -1,5 +1,7 @@
 """The fixed-grid ``warped_rk4`` solver against references and the authors' Euler."""
 
+import warnings
+
 import pytest
 import torch
 from _helpers import mixture_distribution, random_mixture
@@ -67,3 +69,20 @@ def test_gaussian_flow_is_exact_and_log_prob_matches_dopri5(mixture2):
     x = flow.sample(50, seed=2)
     lp = flow.log_prob(x, method="warped_rk4")
     assert torch.allclose(lp, flow.log_prob(x, rtol=1e-9), atol=5e-3)
+
+
+def test_prior_keeps_its_grid_fixed_and_warns_once_over_budget(mixture2):
+    flow = InflationaryFlow.from_gaussian_mixture(*mixture2)
+    z = torch.randn(64, 2, dtype=torch.float64)
+    x = flow.prior().transforms[0](z)
+    info = flow.last_solve
+    assert info.method == "warped_rk4" and info.num_steps == WARPED_STEPS
+    assert flow.prior().transforms[0].max_error == info.error > 0
+    assert torch.allclose(x, flow.decode(z, method="warped_rk4", num_steps=WARPED_STEPS,
+                                         rtol=1.0))
+    with pytest.warns(UserWarning, match="over rtol=1e-07; the grid stays fixed"):
+        flow.prior(rtol=1e-7).transforms[0](z)
+    assert flow.last_solve.num_steps == WARPED_STEPS  # not doubled inside inference
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow.prior(rtol=1e-7).transforms[0](z.clone())  # once per flow
