@@ -60,7 +60,7 @@ def _save_npy(path: str, arr: torch.Tensor) -> None:
 def _solver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, default=None,
                    help="relative tolerance (default 1e-5; for warped_rk4 the error budget, "
-                        "default 1e-2)")
+                        "default 5e-2)")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default rtol)")
     p.add_argument("--method", default="dopri5", choices=ADAPTIVE + FIXED,
                    help="solver (default dopri5; warped_rk4 is the fast fixed grid)")

@@ -43,9 +43,9 @@ FIXED = ("warped_rk4", "euler", "midpoint", "rk4", "explicit_adams", "implicit_a
 WARPED_STEPS = 12
 #: Exponent of the time warp: steps are dense where ``max_i |dtheta_i/dt|`` is large.
 WARP_POWER = 0.5
-#: Default error budget of ``warped_rk4`` (checked against its estimate); adaptive methods
-#: default to ``rtol = 1e-5``.
-WARPED_RTOL = 1e-2
+#: Default error budget of ``warped_rk4``, checked against its estimate, which is conservative
+#: (1.4-15x above the measured RMS error on the toys); adaptive methods default to 1e-5.
+WARPED_RTOL = 5e-2
 #: Without ``num_steps``, ``warped_rk4`` doubles its steps from ``WARPED_STEPS`` until the
 #: error estimate meets ``rtol``, up to this many.
 WARPED_MAX_STEPS = 768

@@ -47,7 +47,8 @@ class InflationaryFlowTransform(Transform):
             smooth, deterministic function of the latent, as HMC needs. The grid never
             changes inside inference; instead, the largest error estimate seen is kept in
             :attr:`max_error` and a warning is issued once per flow if it exceeds ``rtol``
-            (default ``1e-2``). ``method="dopri5"`` gives tolerance-controlled adaptive steps.
+            (default ``5e-2``; the estimate is conservative). ``method="dopri5"`` gives
+            tolerance-controlled adaptive steps.
         adjoint: backpropagate with the adjoint method instead of through the solver (needs a
             torchdiffeq ``method``).
         trace, num_probes, seed: the divergence estimate of ``log_abs_det_jacobian``

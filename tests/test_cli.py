@@ -55,7 +55,7 @@ def test_train_encode_decode_sample_log_prob(trained, capsys):
     assert main(["encode", str(flow), str(data), "--out", str(zf), "--method", "warped_rk4",
                  "--num-steps", "12"]) == 0
     assert np.abs(np.load(zf) - Z).max() < 5e-2  # 49 evaluations, at its error estimate
-    assert "49 evaluations (warped_rk4, rtol 0.01, estimated error" in capsys.readouterr().err
+    assert "49 evaluations (warped_rk4, rtol 0.05, estimated error" in capsys.readouterr().err
 
 
 def test_prr_train_and_float64(trained, tmp_path):
