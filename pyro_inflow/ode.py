@@ -90,6 +90,18 @@ class ProbabilityFlow(nn.Module):
         self.denoiser = denoiser
         self.register_buffer("lam", lam)
         self.nfe = 0
+        self._grids: dict = {}
+
+    def warped_grid(self, num_steps: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The ``warped_rk4`` stage times and ``dt/dtau`` ``(N, 3)`` in ``like``'s dtype and
+        device, computed once per step count, dtype and device."""
+        key = (num_steps, like.dtype, like.device)
+        if key not in self._grids:
+            sched = self.schedule
+            grid = _warped_grid(tuple(self.lam.tolist()), tuple(sched.rate.tolist()),
+                                float(sched.gamma0), float(sched.t_max), num_steps)
+            self._grids[key] = tuple(v.to(device=like.device, dtype=like.dtype) for v in grid)
+        return self._grids[key]
 
     @property
     def schedule(self):
@@ -184,7 +196,6 @@ def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     return fp[i - 1] + frac * (fp[i] - fp[i - 1])
 
 
-@functools.lru_cache(maxsize=64)
 def _warped_grid(lam: tuple, rate: tuple, gamma0: float, t_max: float,
                  num_steps: int) -> tuple[Tensor, Tensor]:
     """Times ``(N, 3)`` and ``dt/dtau`` ``(N, 3)`` of the RK4 stages (start, middle, end).
@@ -195,8 +206,8 @@ def _warped_grid(lam: tuple, rate: tuple, gamma0: float, t_max: float,
     away from it: it says where in time each dimension moves. The warped time
     ``tau in [0, 1]`` has ``dtau/dt`` proportional to ``max_i |dtheta_i/dt| ** WARP_POWER``
     (measured best among 0, 1/3, 1/2 and 1 for RK4 on the toys): uniform steps in ``tau``
-    are dense where some dimension moves fast and sparse in the tails. Float64 on the CPU,
-    computed once.
+    are dense where some dimension moves fast and sparse in the tails. Float64 on the CPU;
+    each field keeps its own copies (:meth:`ProbabilityFlow.warped_grid`).
     """
     lam_t = torch.tensor(lam, dtype=torch.float64)
     rate_t = torch.tensor(rate, dtype=torch.float64)
@@ -232,10 +243,7 @@ def _warped_rk4(func: nn.Module, y0: Tensor, field: ProbabilityFlow, t0: float, 
     Returns:
         ``y1`` and the error estimate ``(*)`` per point (RMS over the state).
     """
-    sched = field.schedule
-    key = (tuple(field.lam.tolist()), tuple(sched.rate.tolist()), float(sched.gamma0),
-           float(sched.t_max), num_steps)
-    times, scale = (v.to(device=y0.device, dtype=y0.dtype) for v in _warped_grid(*key))
+    times, scale = field.warped_grid(num_steps, y0)
     if t0 > t1:
         times, scale = times.flip(0, 1), -scale.flip(0, 1)
     h = 1.0 / num_steps
@@ -253,6 +261,14 @@ def _warped_rk4(func: nn.Module, y0: Tensor, field: ProbabilityFlow, t0: float, 
     return y, err.square().mean(-1).sqrt()
 
 
+def _nonfinite(counted: _Counted, t0: float, t1: float, hint: str) -> SolverError:
+    return SolverError(
+        f"ODE solve from t={t0:.4g} to t={t1:.4g} produced non-finite values (first at "
+        f"t={float(counted.first_bad):.4g}, evaluation {counted.first_bad_nfe} of "
+        f"{counted.nfe}); {hint}"
+    )
+
+
 def _solve_warped(func: nn.Module, field: ProbabilityFlow, y0: Tensor, t0: float, t1: float,
                   num_steps: int | None, rtol: float, atol: float, logdet: bool):
     if {t0, t1} != {0.0, float(field.schedule.t_max)}:
@@ -267,12 +283,7 @@ def _solve_warped(func: nn.Module, field: ProbabilityFlow, y0: Tensor, t0: float
             counted = _Counted(func, y0, (t0, t1))
             with torch.no_grad():
                 _warped_rk4(counted, y0.detach(), field, t0, t1, steps)
-            bad = float(counted.first_bad)
-            raise SolverError(
-                f"ODE solve from t={t0:.4g} to t={t1:.4g} produced non-finite values "
-                f"(first at t={bad:.4g}, evaluation {counted.first_bad_nfe} of {counted.nfe}); "
-                f"check the denoiser and the input for extreme values"
-            )
+            raise _nonfinite(counted, t0, t1, "check the denoiser and the input for extreme values")
         error = float(err.max()) if err.numel() else 0.0
         if error <= rtol:
             break
@@ -399,12 +410,7 @@ def solve(
             f"check the input for extreme values"
         ) from e
     if not torch.isfinite(y1).all():
-        bad = float(counted.first_bad)
-        raise SolverError(
-            f"ODE solve from t={t0:.4g} to t={t1:.4g} produced non-finite values "
-            f"(first at t={bad:.4g}, evaluation {counted.first_bad_nfe} of {counted.nfe}); "
-            f"try method='dopri5' or tighter tolerances"
-        )
+        raise _nonfinite(counted, t0, t1, "try method='dopri5' or tighter tolerances")
     info = SolveInfo(counted.nfe, method, float(rtol), float(atol), float(t0), float(t1))
     if logdet:
         return y1[..., :-1], y1[..., -1], info

@@ -114,6 +114,8 @@ class InflationSchedule(nn.Module):
                 )
             g = [1.0] * d + [low] * (dim - d)
         self.register_buffer("g", torch.tensor(g, dtype=torch.float64))
+        # derived once: the ODE right-hand side reads it at every evaluation
+        self.register_buffer("_rate", self.rho * (1.0 + self.g), persistent=False)
         if t_max is None:
             t_max = self.auto_t_max(lam)
         elif not (math.isfinite(t_max) and t_max > 0):
@@ -124,7 +126,7 @@ class InflationSchedule(nn.Module):
     @property
     def rate(self) -> Tensor:
         """``rho * (1 + g)``, the constant ``d log gamma / dt`` per dimension, shape ``(D,)``."""
-        return self.rho * (1.0 + self.g)
+        return self._rate
 
     @property
     def kept(self) -> slice:

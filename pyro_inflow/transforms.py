@@ -22,7 +22,7 @@ __all__ = ["InflationaryFlowTransform"]
 _SOLVER_KEYS = ("method", "rtol", "atol", "step_size", "num_steps", "max_num_steps", "adjoint")
 #: The prior's solver unless told otherwise: a fixed grid makes the potential a smooth,
 #: deterministic function of the latent (what HMC needs) at about a third of dopri5's cost.
-DEFAULT_SOLVER = {"method": "warped_rk4", "num_steps": WARPED_STEPS}
+DEFAULT_SOLVER = {"method": "warped_rk4"}
 _TRACE_KEYS = ("trace", "num_probes", "seed")
 
 
