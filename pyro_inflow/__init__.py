@@ -13,11 +13,20 @@ from .denoisers import (
     GaussianMixtureDenoiser,
     PreconditionedDenoiser,
 )
-from .diagnostics import latent_coverage, roundtrip_error
+from .diagnostics import (
+    credible_regions,
+    flow_calibration,
+    identifiability,
+    latent_coverage,
+    plot_sbc,
+    roundtrip_error,
+    to_inference_data,
+)
 from .distributions import InflationaryFlowPrior
 from .flow import InflationaryFlow
 from .inference import latent_nuts, latent_svi, posterior_samples, reparam_flow_priors
 from .ode import SolverError
+from .sbc import SBCResult, simulation_based_calibration
 from .schedule import InflationSchedule
 from .training import TrainConfig
 from .transforms import InflationaryFlowTransform
@@ -43,4 +52,11 @@ __all__ = [
     "posterior_samples",
     "latent_coverage",
     "roundtrip_error",
+    "credible_regions",
+    "flow_calibration",
+    "identifiability",
+    "to_inference_data",
+    "simulation_based_calibration",
+    "SBCResult",
+    "plot_sbc",
 ]

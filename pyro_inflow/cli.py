@@ -154,10 +154,50 @@ def cmd_log_prob(a) -> None:
     _save_npy(a.out, lp)
 
 
+def cmd_calibrate(a) -> None:
+    import json
+
+    from .diagnostics import (
+        LEVELS,
+        calibration_table,
+        flow_calibration,
+        identifiability,
+        plot_calibration,
+        report_json,
+    )
+
+    flow = _flow(a)
+    x = check_data(_load_npy(a.heldout, "HELDOUT"), "HELDOUT", dim=flow.dim)
+    second = None
+    if a.compare is not None:
+        second = InflationaryFlow.load(a.compare)
+        if (second.dim, second.latent_dim) != (flow.dim, flow.latent_dim):
+            raise ValueError(f"--compare: {a.compare} maps {second.dim}->{second.latent_dim} "
+                             f"dimensions, {a.flow} maps {flow.dim}->{flow.latent_dim}")
+        second = second.to(flow.dtype)
+    solver = {k: v for k, v in _solver(a).items() if v is not None}
+    out = Path(a.out)
+    out.mkdir(exist_ok=True)
+    print(f"pyro-inflow calibrate: {a.flow} ({flow.dim}-D data, {flow.latent_dim}-D latent, "
+          f"{flow.schedule.schedule.upper()}) on {len(x):,} held-out points from {a.heldout}",
+          file=sys.stderr)
+    tic = time.perf_counter()
+    report = flow_calibration(flow, x, a.levels or LEVELS, **solver)
+    if second is not None:
+        report["identifiability"] = identifiability(flow, second, x, **solver)
+    report["seconds"] = time.perf_counter() - tic
+    print(calibration_table(report))
+    files = plot_calibration(report, out, x=x)
+    data = {"flow": str(a.flow), "heldout": str(a.heldout), **report_json(report)}
+    _io.atomic_write(out / "report.json", lambda f: f.write(json.dumps(data, indent=2).encode()))
+    print(f"wrote {', '.join(str(p) for p in [out / 'report.json', *files])}", file=sys.stderr)
+
+
 def cmd_demo(a) -> None:
     from .demo import run_demo
 
-    run_demo(out=Path(a.out), n=a.n, steps=a.steps, seed=a.seed, progress=not a.quiet)
+    run_demo(out=Path(a.out), n=a.n, steps=a.steps, seed=a.seed, progress=not a.quiet,
+             n_heldout=a.heldout, draws=a.draws, svi_steps=a.svi_steps)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -165,10 +205,15 @@ def _build_parser() -> argparse.ArgumentParser:
                 "sample and evaluate calibrated priors for Pyro.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    d = sub.add_parser("demo", help="train on moons, check roundtrip and coverage, plot")
+    d = sub.add_parser("demo", help="train on moons, calibrate, NUTS and SVI with the flow as "
+                       "a prior; tables and plots")
     d.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     d.add_argument("--n", type=int, default=20_000, help="training points (default 20000)")
     d.add_argument("--steps", type=int, default=4000, help="training steps (default 4000)")
+    d.add_argument("--heldout", type=int, default=5000, help="held-out points (default 5000)")
+    d.add_argument("--draws", type=int, default=300,
+                   help="NUTS draws per chain, 2 chains (default 300)")
+    d.add_argument("--svi-steps", type=int, default=1500, help="SVI steps (default 1500)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
@@ -216,6 +261,18 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     _solver_args(s)
     s.set_defaults(func=cmd_sample)
+
+    c = sub.add_parser("calibrate", help="coverage, credible regions, roundtrip of a flow on "
+                       "HELDOUT.npy: table, report.json, plots")
+    c.add_argument("flow", metavar="FLOW")
+    c.add_argument("heldout", metavar="HELDOUT.npy", help="held-out data (n, D), not trained on")
+    c.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    c.add_argument("--compare", default=None, metavar="FLOW2",
+                   help="a second flow (e.g. another seed): report latent identifiability")
+    c.add_argument("--levels", type=float, nargs="+", default=None,
+                   help="nominal levels (default 0.5 0.68 0.9 0.95 0.99)")
+    _solver_args(c)
+    c.set_defaults(func=cmd_calibrate)
 
     lp = sub.add_parser("log-prob", help="log-densities (n,) of DATA.npy (PR-preserving)")
     lp.add_argument("flow", metavar="FLOW")

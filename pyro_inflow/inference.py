@@ -78,6 +78,47 @@ def _is_rewritten_site(name, site, nodes) -> bool:
             and isinstance(fn.base_dist, dist.Delta))
 
 
+class _RecordingNUTS(NUTS):
+    """Pyro's NUTS that also keeps per-draw sampler statistics for ArviZ's ``sample_stats``.
+
+    After warm-up, each draw records ``diverging``, ``tree_depth``, ``n_steps`` (leapfrog
+    steps), ``step_size`` and ``lp`` (the log density, minus the potential energy). They come
+    back through ``kernel.diagnostics()``, which Pyro returns from every chain, worker
+    processes included: ``mcmc.diagnostics()["tree_depth"]["chain 0"]`` is a list.
+    """
+
+    STATS = ("diverging", "tree_depth", "n_steps", "step_size", "lp")
+
+    def setup(self, warmup_steps, *args, **kwargs):
+        self._stats = {k: [] for k in self.STATS}
+        super().setup(warmup_steps, *args, **kwargs)
+
+    def _build_tree(self, z, r, z_grads, log_slice, direction, tree_depth, energy_current):
+        # the top-level calls of one draw pass the current depth, recursive ones less
+        self._depth = max(self._depth, tree_depth)
+        return super()._build_tree(z, r, z_grads, log_slice, direction, tree_depth,
+                                   energy_current)
+
+    def _build_basetree(self, *args, **kwargs):
+        self._leapfrogs += 1
+        return super()._build_basetree(*args, **kwargs)
+
+    def sample(self, params):
+        self._depth, self._leapfrogs = -1, 0
+        divergences = len(self._divergences)
+        params = super().sample(params)
+        if self._t > self._warmup_steps:
+            self._stats["diverging"].append(len(self._divergences) > divergences)
+            self._stats["tree_depth"].append(self._depth + 1)
+            self._stats["n_steps"].append(self._leapfrogs)
+            self._stats["step_size"].append(float(self.step_size))
+            self._stats["lp"].append(-float(self._potential_energy_last))
+        return params
+
+    def diagnostics(self):
+        return {**super().diagnostics(), **self._stats}
+
+
 def latent_nuts(
     model,
     *args,
@@ -107,11 +148,13 @@ def latent_nuts(
 
     Returns:
         The MCMC object: ``mcmc.get_samples()`` holds the latent sites ``"{name}_base"``;
-        :func:`posterior_samples` adds the data-space values.
+        :func:`posterior_samples` adds the data-space values and
+        :func:`~pyro_inflow.diagnostics.to_inference_data` makes an ArviZ ``InferenceData``
+        (with per-draw ``diverging``, ``tree_depth``, ``n_steps``, ``step_size``, ``lp``).
     """
     if seed is not None:
         pyro.set_rng_seed(seed)
-    kernel = NUTS(reparam_flow_priors(model), target_accept_prob=target_accept_prob,
+    kernel = _RecordingNUTS(reparam_flow_priors(model), target_accept_prob=target_accept_prob,
                   max_tree_depth=max_tree_depth,
                   init_strategy=init_strategy or pyro.infer.autoguide.init_to_sample)
     mcmc = MCMC(kernel, num_samples=num_samples,
@@ -163,8 +206,12 @@ def latent_svi(
         pyro.clear_param_store()
     # Adam whose learning rate decays 10x over the run, so the last iterates settle
     optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1.0 / max(num_steps, 1))})
-    svi = SVI(latent_model, guide, optim,
-              Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1))
+    elbo = {"num_particles": num_particles, "vectorize_particles": num_particles > 1}
+    if num_particles > 1:  # Pyro would guess it, and log that it did
+        with torch.no_grad(), poutine.block():
+            nodes = poutine.trace(latent_model).get_trace(*args, **kwargs).nodes
+        elbo["max_plate_nesting"] = max_plate_nesting(nodes)
+    svi = SVI(latent_model, guide, optim, Trace_ELBO(**elbo))
     losses = []
     with tqdm(range(num_steps), desc="SVI", disable=not progress, leave=False) as bar:
         for step in bar:
@@ -174,6 +221,29 @@ def latent_svi(
     guide.losses = losses
     guide.latent_model = latent_model  # autoguides keep an init-wrapped copy as guide.model
     return guide
+
+
+def max_plate_nesting(nodes) -> int:
+    """The number of batch dimensions the plates of a trace's ``nodes`` use."""
+    return max((-f.dim for site in nodes.values() if site["type"] == "sample"
+                for f in site["cond_indep_stack"] if f.dim is not None), default=0)
+
+
+def pad_for_plates(samples: dict[str, torch.Tensor], nodes) -> dict[str, torch.Tensor]:
+    """Draws ``(n, *site_shape)`` shaped ``(n, 1, ..., *site_shape)`` for vectorized runs.
+
+    Pyro's ``Predictive`` puts the draws' dimension left of every plate, but counts a site's
+    event dimensions as plate dimensions when it pads, which breaks a site with an event shape
+    (a flow prior's ``(d,)`` latent) outside the plates of a model that has some. Padding here
+    to ``max_plate_nesting - len(batch_shape)`` ones leaves ``Predictive`` nothing to pad.
+    """
+    nesting = max_plate_nesting(nodes)
+    out = {}
+    for name, v in samples.items():
+        site = nodes.get(name)
+        pad = nesting - len(site["fn"].batch_shape) if site is not None else 0
+        out[name] = v.reshape(v.shape[0], *[1] * pad, *v.shape[1:]) if pad > 0 else v
+    return out
 
 
 def posterior_samples(
@@ -220,15 +290,21 @@ def posterior_samples(
     if isinstance(fitted, MCMC):
         grouped = fitted.get_samples(group_by_chain=True)
         chains, draws = next(iter(grouped.values())).shape[:2]
-        latent = {k: v.reshape(chains * draws, *v.shape[2:]) for k, v in grouped.items()}
+        latent = pad_for_plates({k: v.reshape(chains * draws, *v.shape[2:])
+                                 for k, v in grouped.items()}, nodes)
         predictive = Predictive(model, posterior_samples=latent, return_sites=names,
                                 parallel=True)
     else:
         chains, draws = 1, num_samples
-        predictive = Predictive(model, guide=fitted, num_samples=num_samples,
-                                return_sites=names, parallel=True)
+        with torch.no_grad():
+            guided = Predictive(fitted, num_samples=num_samples, parallel=True)(*args, **kwargs)
+        latent = pad_for_plates({k: v.reshape(num_samples, *nodes[k]["value"].shape)
+                                 for k, v in guided.items() if k in nodes}, nodes)
+        predictive = Predictive(model, posterior_samples=latent, return_sites=names,
+                                parallel=True)
     with torch.no_grad():
-        out = {k: v.detach() for k, v in predictive(*args, **kwargs).items()}
+        out = {k: v.detach().reshape(-1, *nodes[k]["value"].shape)
+               for k, v in predictive(*args, **kwargs).items()}
     if group_by_chain:
         out = {k: v.reshape(chains, draws, *v.shape[1:]) for k, v in out.items()}
     return out

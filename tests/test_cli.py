@@ -143,14 +143,73 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     import json
 
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "1500", "--steps", "150", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--n", "1500", "--steps", "150", "--heldout",
+                 "1000", "--draws", "40", "--svi-steps", "200", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert {p.name for p in out.iterdir()} == {"moons.flow", "demo.png", "report.json"}
-    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert {p.name for p in out.iterdir()} == {
+        "moons.flow", "demo.png", "coverage.png", "latent.png", "regions.png", "posterior.png",
+        "report.json"}
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:4] == b"\x89PNG"
     assert report["steps"] == 150 and report["samples_seen"] == 150 * 512
-    assert report["roundtrip"]["rms"] < 1e-2
-    cov = report["coverage"]
+    cal = report["calibration"]
+    assert cal["roundtrip"]["rms"] < 1e-2
+    cov, reg = cal["coverage"], cal["regions"]
     assert cov["levels"] == [0.5, 0.68, 0.9, 0.95, 0.99] and len(cov["coverage"]) == 5
     assert cov["max_abs_error"] < 0.15  # 150 steps: rough but clearly better than whitening
-    assert "latent coverage" in capsys.readouterr().out
+    # the decoded regions hold what the latent spheres hold, up to the decode's error
+    assert np.allclose(reg["inside"], cov["coverage"], atol=0.01)
+    inv = report["inverse_problem"]
+    assert inv["chains"] == 2 and inv["draws_per_chain"] == 40
+    p = inv["p_right_moon"]
+    assert 0.0 <= p["nuts"] <= 1.0 and 0.2 < p["quadrature"] < 0.9
+    # mean field sits in one moon: far narrower than NUTS, which spans both
+    assert max(inv["posterior_sd"]["svi_mean_field"]) < 0.5 * min(inv["posterior_sd"]["nuts"])
+    printed = capsys.readouterr().out
+    assert "latent coverage" in printed and "ess_bulk" in printed and "x_base[0]" in printed
     assert InflationaryFlow.load(out / "moons.flow").latent_dim == 2
+
+
+def test_calibrate_end_to_end(trained, tmp_path, capsys):
+    import json
+
+    folder, data, flow = trained
+    held = tmp_path / "held.npy"
+    np.save(held, datasets.load("moons", n=1500, seed=7).numpy())
+    out = tmp_path / "cal"
+    assert main(["calibrate", str(flow), str(held), "--out", str(out),
+                 "--compare", str(flow)]) == 0
+    printed = capsys.readouterr().out
+    assert "latent coverage" in printed and "data-space regions" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert {p.name for p in out.iterdir()} == {"report.json", "coverage.png", "latent.png",
+                                               "regions.png"}
+    cov, reg = report["coverage"], report["regions"]
+    assert cov["n"] == 1500 and cov["d"] == 2 and len(reg["inside"]) == 5
+    assert np.allclose(reg["inside"], cov["coverage"], atol=0.01)
+    assert report["roundtrip"]["rms"] < 1e-2 and report["solver"]["method"] == "dopri5"
+    assert report["identifiability"]["relative"] < 1e-6  # a flow against itself
+    # the reported coverage is the coverage of the flow's own latents
+    z = InflationaryFlow.load(flow).encode(torch.as_tensor(np.load(held)).float())
+    r2 = z.double().square().sum(-1).numpy()
+    assert abs(cov["coverage"][0] - (r2 <= 2 * np.log(2)).mean()) < 2e-3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--levels", "1.5"], "levels"),
+    (["--compare", "MISSING"], "no such file"),
+])
+def test_calibrate_errors(trained, tmp_path, capsys, args, message):
+    folder, data, flow = trained
+    held = tmp_path / "held.npy"
+    np.save(held, datasets.load("moons", n=50, seed=7).numpy())
+    assert main(["calibrate", str(flow), str(held), "--out", str(tmp_path / "c"), *args]) == 2
+    assert message in _err_line(capsys)
+
+
+def test_calibrate_rejects_heldout_of_the_wrong_width(trained, tmp_path, capsys):
+    folder, data, flow = trained
+    held = tmp_path / "held.npy"
+    np.save(held, np.zeros((10, 3)))
+    assert main(["calibrate", str(flow), str(held), "--out", str(tmp_path / "c")]) == 2
+    assert "HELDOUT" in _err_line(capsys)

@@ -1,0 +1,110 @@
+"""Simulation-based calibration on models with known posteriors."""
+
+import matplotlib
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyro_inflow as pif
+from pyro_inflow.diagnostics import plot_sbc
+from pyro_inflow.sbc import simulation_based_calibration
+
+matplotlib.use("Agg")
+F64 = torch.float64
+
+
+def conjugate_model(y=None):
+    theta = pyro.sample("theta", dist.Normal(torch.zeros(2, dtype=F64), 1.0).to_event(1))
+    pyro.sample("y", dist.Normal(theta, 1.0).to_event(1), obs=y)
+
+
+def exact_posterior(scale: float):
+    """Draws from the exact posterior N(y / 2, 1 / 2), with its sd multiplied by ``scale``."""
+    def inference(model, y, num_samples):
+        tr = pyro.poutine.trace(model).get_trace(y)
+        y_sim = tr.nodes["y"]["value"]  # the simulated observation, conditioned in
+        eps = torch.randn(num_samples, 2, dtype=F64)
+        return {"theta": y_sim / 2 + scale * 0.5**0.5 * eps}
+    return inference
+
+
+def test_exact_posterior_passes_and_wrong_spread_is_flagged():
+    y = torch.zeros(2, dtype=F64)
+    kw = {"num_simulations": 300, "num_posterior_samples": 49, "progress": False}
+    ok = simulation_based_calibration(conjugate_model, y, inference=exact_posterior(1.0), **kw)
+    assert ok.passed and set(ok.pit) == {"theta[0]", "theta[1]"}
+    assert all(r.min() >= 0 and r.max() <= 49 for r in ok.ranks.values())
+    assert np.allclose(ok.pooled_coverage(), [0.5, 0.8, 0.95], atol=0.06)
+    narrow = simulation_based_calibration(conjugate_model, y, inference=exact_posterior(0.5),
+                                          **kw)
+    assert not narrow.passed and narrow.pooled_coverage()[-1] < 0.8  # overconfident
+    wide = simulation_based_calibration(conjugate_model, y, inference=exact_posterior(2.0),
+                                        **kw)
+    assert not wide.passed and wide.pooled_coverage()[0] > 0.7  # underconfident
+    assert "passed" in ok.table() and "FAILED" in narrow.table()
+
+
+def test_sbc_is_reproducible_and_rejects_bad_arguments():
+    y = torch.zeros(2, dtype=F64)
+    kw = {"num_simulations": 5, "num_posterior_samples": 9, "progress": False,
+          "inference": exact_posterior(1.0)}
+    a = simulation_based_calibration(conjugate_model, y, seed=3, **kw)
+    b = simulation_based_calibration(conjugate_model, y, seed=3, **kw)
+    assert all((a.ranks[k] == b.ranks[k]).all() for k in a.ranks)
+    with pytest.raises(ValueError, match="inference"):
+        simulation_based_calibration(conjugate_model, y, inference="mcmc", num_simulations=3)
+    with pytest.raises(ValueError, match="parameters"):
+        simulation_based_calibration(conjugate_model, y, parameters=["nope"], **kw)
+    with pytest.raises(ValueError, match="observed"):
+        simulation_based_calibration(lambda: pyro.sample("a", dist.Normal(0.0, 1.0)),
+                                     inference=exact_posterior(1.0), num_simulations=3)
+
+
+# A Gaussian flow prior and one noisy observation of x0 + x1 + x2: the posterior is strongly
+# correlated in the latent too, so a mean-field guide's marginals are far too narrow.
+S3 = torch.tensor([[2.0, 0.6, 0.2], [0.6, 1.0, 0.3], [0.2, 0.3, 0.5]], dtype=F64)
+M3 = torch.tensor([0.5, -1.0, 0.2], dtype=F64)
+A1 = torch.ones(1, 3, dtype=F64)
+
+
+def flow_model():
+    flow = pif.InflationaryFlow.from_gaussian_mixture(torch.ones(1), M3[None], S3[None])
+    prior = flow.prior(method="euler", step_size=flow.schedule.t_max)  # exact for Gaussians
+
+    def model(y):
+        x = pyro.sample("x", prior)
+        pyro.sample("y", dist.Normal(x @ A1.T, 0.1).to_event(1), obs=y)
+    return model
+
+
+def run_pair(num_simulations: int, num_workers: int = 1):
+    model, y = flow_model(), torch.zeros(1, dtype=F64)
+    nuts = simulation_based_calibration(
+        model, y, num_simulations=num_simulations, num_posterior_samples=50,
+        inference_kwargs={"warmup_steps": 100}, num_workers=num_workers, progress=False)
+    svi = simulation_based_calibration(
+        model, y, num_simulations=num_simulations, num_posterior_samples=50, inference="svi",
+        inference_kwargs={"guide": "normal", "num_steps": 400, "lr": 0.05},
+        num_workers=num_workers, progress=False)
+    return nuts, svi
+
+
+def test_latent_nuts_is_calibrated_and_mean_field_svi_is_not():
+    nuts, svi = run_pair(num_simulations=20, num_workers=2)
+    assert set(nuts.groups) == {"x", "x_base"} and len(nuts.pit) == 6
+    assert nuts.passed
+    assert nuts.pooled_coverage(nuts.groups["x"])[-1] >= 0.85
+    assert svi.label == "svi (normal)"
+    assert svi.pooled_coverage(svi.groups["x"])[-1] < 0.9  # overconfident
+    fig = plot_sbc([nuts, svi])
+    assert len(fig.axes) == 2 * 6
+
+
+@pytest.mark.slow
+def test_sbc_big_run_nuts_vs_mean_field():
+    nuts, svi = run_pair(num_simulations=150, num_workers=2)
+    assert nuts.passed
+    assert np.allclose(nuts.pooled_coverage(), [0.5, 0.8, 0.95], atol=0.05)
+    assert not svi.passed and svi.pooled_coverage(svi.groups["x"])[-1] < 0.8
