@@ -211,9 +211,9 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=20_000, help="training points (default 20000)")
     d.add_argument("--steps", type=int, default=4000, help="training steps (default 4000)")
     d.add_argument("--heldout", type=int, default=5000, help="held-out points (default 5000)")
-    d.add_argument("--draws", type=int, default=300,
-                   help="NUTS draws per chain, 2 chains (default 300)")
-    d.add_argument("--svi-steps", type=int, default=1500, help="SVI steps (default 1500)")
+    d.add_argument("--draws", type=int, default=150,
+                   help="NUTS draws per chain, 2 chains, as many warm-up steps (default 150)")
+    d.add_argument("--svi-steps", type=int, default=1000, help="SVI steps (default 1000)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
