@@ -37,10 +37,10 @@ import numpy as np  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
+from bench_pyro import NOISE, Y_OBS, quadrature_right_moon  # noqa: E402  (same problem)
 
 import pyro_inflow as pif  # noqa: E402
 
-Y_OBS, NOISE = 0.5, 0.3
 SOLVERS = {"warped_rk4 N=12": {"method": "warped_rk4", "num_steps": 12, "rtol": 1.0},
            "dopri5 1e-7": {"method": "dopri5", "rtol": 1e-7, "atol": 1e-7}}
 
@@ -68,16 +68,6 @@ def grid_row(curv, post) -> dict:
     return {"curv_post_median": median, "curv_max_in_posterior": float(curv[inside].max()),
             "post_mass_curv_gt_1e3": float(post[curv > 1e3].sum()),
             "post_mass_curv_gt_1e4": float(post[curv > 1e4].sum())}
-
-
-def quadrature_right(log_prior, lo=-3.5, hi=3.5, n: int = 201) -> float:
-    g = torch.linspace(lo, hi, n, dtype=torch.float64)
-    grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
-    with torch.no_grad():
-        lp = torch.cat([log_prior(c) for c in grid.split(8192)])
-    lp = lp + dist.Normal(grid.sum(-1), NOISE).log_prob(torch.tensor(Y_OBS, dtype=grid.dtype))
-    post = torch.softmax(lp, 0)
-    return float(post[grid[:, 0] > 0].sum())
 
 
 def nuts_row(flow, samples: int, chains: int) -> tuple[dict, np.ndarray]:
@@ -133,7 +123,8 @@ def main() -> None:
             rows.append({"flow": name, "solver": sname, **grid_row(curv, post)})
             maps.setdefault(name, (z, curv, post))
         nuts, z_div = nuts_row(flow, samples, chains=2)
-        nuts["truth_frac_x0_gt_0"] = quadrature_right(log_prior)
+        nuts["truth_frac_x0_gt_0"] = quadrature_right_moon(log_prior, (-3.5, -3.5), (3.5, 3.5),
+                                                          n=201)
         rows.append({"flow": name, "solver": "NUTS (prior default)", **nuts})
         maps[name] = (*maps[name], z_div)
 

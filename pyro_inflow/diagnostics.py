@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+from .inference import _is_rewritten_site, _per_draw, _posterior_trace, _RecordingNUTS
+
 __all__ = [
     "LEVELS",
     "latent_coverage",
@@ -389,28 +391,15 @@ def to_inference_data(fitted, *args, model=None, num_samples: int = 1000,
         * ``observed_data`` and ``log_likelihood``: one variable per observed site.
     """
     import arviz as az
-    from pyro import poutine
-    from pyro.infer import MCMC, Predictive
-
-    from .inference import pad_for_plates, posterior_samples, reparam_flow_priors
+    from pyro.infer import MCMC
 
     is_mcmc = isinstance(fitted, MCMC)
-    if is_mcmc:
-        model = model or fitted.kernel.model
-        if not args and not kwargs:
-            args, kwargs = fitted._args, fitted._kwargs
-        draws = posterior_samples(fitted, *args, model=model, group_by_chain=True, **kwargs)
-    else:
-        model = model or getattr(fitted, "latent_model", None)
-        if model is None:
-            raise TypeError("to_inference_data: pass model= for a guide not made by latent_svi")
-        draws = posterior_samples(fitted, *args, model=model, num_samples=num_samples, **kwargs)
-        draws = {k: v[None] for k, v in draws.items()}
-    latent_model = reparam_flow_priors(model)
-    with torch.no_grad():
-        nodes = poutine.trace(latent_model).get_trace(*args, **kwargs).nodes
-    from .inference import _is_rewritten_site
-
+    # one vectorized run gives the data-space draws and the log-likelihood together
+    trace, nodes, names, chains, n_draws, args, kwargs = _posterior_trace(
+        fitted, args, kwargs, model, num_samples)
+    n = chains * n_draws
+    draws = {k: _per_draw(trace.nodes[k]["value"], n, nodes[k]["value"].shape)
+             .reshape(chains, n_draws, *nodes[k]["value"].shape) for k in names}
     flow_sites = {name for name, site in nodes.items()
                   if site["type"] == "sample" and _is_rewritten_site(name, site, nodes)}
     observed = {name: site for name, site in nodes.items()
@@ -432,14 +421,6 @@ def to_inference_data(fitted, *args, model=None, num_samples: int = 1000,
     groups = {"posterior": posterior, "observed_data": observed_data}
 
     if log_likelihood and observed:
-        chains, n_draws = next(iter(posterior.values())).shape[:2]
-        latent_names = [k for k in draws if k in nodes and not nodes[k]["is_observed"]
-                        and not nodes[k]["infer"].get("_deterministic")]
-        flat = pad_for_plates({k: draws[k].reshape(chains * n_draws, *draws[k].shape[2:])
-                               for k in latent_names}, nodes)
-        with torch.no_grad():
-            trace = Predictive(latent_model, posterior_samples=flat).get_vectorized_trace(
-                *args, **kwargs)
         loglik = {}
         for k in observed:
             site = trace.nodes[k]
@@ -447,17 +428,14 @@ def to_inference_data(fitted, *args, model=None, num_samples: int = 1000,
             shape = observed_data[k].shape
             batch = shape[:len(shape) - len(site["fn"].event_shape)]
             lp = lp.reshape(lp.shape[0], *lp.shape[lp.dim() - len(batch):])
-            lp = lp.expand(chains * n_draws, *batch)
+            lp = lp.expand(n, *batch)
             loglik[k] = _numpy(lp).reshape(chains, n_draws, *batch)
         groups["log_likelihood"] = loglik
 
     if is_mcmc:
         diag = fitted.diagnostics()
-        chains, n_draws = next(iter(posterior.values())).shape[:2]
         stats_ = {}
         if "diverging" in diag:
-            from .inference import _RecordingNUTS
-
             for k in _RecordingNUTS.STATS:
                 stats_[k] = np.array([diag[k][f"chain {c}"] for c in range(chains)])
         else:

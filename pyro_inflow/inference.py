@@ -246,6 +246,52 @@ def pad_for_plates(samples: dict[str, torch.Tensor], nodes) -> dict[str, torch.T
     return out
 
 
+def _posterior_trace(fitted, args, kwargs, model, num_samples: int):
+    """One vectorized run of the reparametrized model over every posterior draw.
+
+    Returns ``(trace, nodes, names, chains, draws, args, kwargs)``: the vectorized trace, the
+    nodes of a plain trace (site shapes), the sites to report, and the model arguments used.
+    """
+    if isinstance(fitted, MCMC):
+        model = model or fitted.kernel.model
+        if not args and not kwargs:
+            args, kwargs = fitted._args, fitted._kwargs
+    elif callable(fitted):
+        model = model or getattr(fitted, "latent_model", None)
+        if model is None:
+            raise TypeError("posterior_samples: pass model= for a guide not made by latent_svi")
+    else:
+        raise TypeError(f"fitted: expected an MCMC or a guide, got {type(fitted).__name__}")
+    model = reparam_flow_priors(model)
+    with torch.no_grad():
+        nodes = poutine.trace(model).get_trace(*args, **kwargs).nodes
+    names = [name for name, site in nodes.items() if site["type"] == "sample" and (
+        not site["is_observed"] or site["infer"].get("_deterministic")
+        or _is_rewritten_site(name, site, nodes))]
+    if isinstance(fitted, MCMC):
+        grouped = fitted.get_samples(group_by_chain=True)
+        chains, draws = next(iter(grouped.values())).shape[:2]
+        latent = {k: v.reshape(chains * draws, *v.shape[2:]) for k, v in grouped.items()}
+    else:
+        chains, draws = 1, num_samples
+        with torch.no_grad():
+            guided = Predictive(fitted, num_samples=num_samples, parallel=True)(*args, **kwargs)
+        latent = {k: v.reshape(num_samples, *nodes[k]["value"].shape)
+                  for k, v in guided.items() if k in nodes}
+    with torch.no_grad():
+        trace = Predictive(model, posterior_samples=pad_for_plates(latent, nodes)
+                           ).get_vectorized_trace(*args, **kwargs)
+    return trace, nodes, names, chains, draws, args, kwargs
+
+
+def _per_draw(value: torch.Tensor, n: int, shape: torch.Size) -> torch.Tensor:
+    """A vectorized site value as ``(n, *shape)`` (expanded if it does not vary by draw)."""
+    value = value.detach()
+    if value.numel() == n * shape.numel():
+        return value.reshape(n, *shape)
+    return value.reshape(shape).expand(n, *shape)
+
+
 def posterior_samples(
     fitted,
     *args,
@@ -270,41 +316,10 @@ def posterior_samples(
         ``{site: tensor}`` with every latent site, every rewritten flow site ``name`` (data
         space, ``(..., D)``) and every ``pyro.deterministic`` site.
     """
-    if isinstance(fitted, MCMC):
-        model = model or fitted.kernel.model
-        if not args and not kwargs:
-            args, kwargs = fitted._args, fitted._kwargs
-    elif callable(fitted):
-        model = model or getattr(fitted, "latent_model", None)
-        if model is None:
-            raise TypeError("posterior_samples: pass model= for a guide not made by latent_svi")
-    else:
-        raise TypeError(f"fitted: expected an MCMC or a guide, got {type(fitted).__name__}")
-    model = reparam_flow_priors(model)
-    with torch.no_grad():
-        trace = poutine.trace(model).get_trace(*args, **kwargs)
-    nodes = trace.nodes
-    names = [name for name, site in nodes.items() if site["type"] == "sample" and (
-        not site["is_observed"] or site["infer"].get("_deterministic")
-        or _is_rewritten_site(name, site, nodes))]
-    if isinstance(fitted, MCMC):
-        grouped = fitted.get_samples(group_by_chain=True)
-        chains, draws = next(iter(grouped.values())).shape[:2]
-        latent = pad_for_plates({k: v.reshape(chains * draws, *v.shape[2:])
-                                 for k, v in grouped.items()}, nodes)
-        predictive = Predictive(model, posterior_samples=latent, return_sites=names,
-                                parallel=True)
-    else:
-        chains, draws = 1, num_samples
-        with torch.no_grad():
-            guided = Predictive(fitted, num_samples=num_samples, parallel=True)(*args, **kwargs)
-        latent = pad_for_plates({k: v.reshape(num_samples, *nodes[k]["value"].shape)
-                                 for k, v in guided.items() if k in nodes}, nodes)
-        predictive = Predictive(model, posterior_samples=latent, return_sites=names,
-                                parallel=True)
-    with torch.no_grad():
-        out = {k: v.detach().reshape(-1, *nodes[k]["value"].shape)
-               for k, v in predictive(*args, **kwargs).items()}
+    trace, nodes, names, chains, draws, _, _ = _posterior_trace(fitted, args, kwargs, model,
+                                                                num_samples)
+    n = chains * draws
+    out = {k: _per_draw(trace.nodes[k]["value"], n, nodes[k]["value"].shape) for k in names}
     if group_by_chain:
         out = {k: v.reshape(chains, draws, *v.shape[1:]) for k, v in out.items()}
     return out

@@ -144,7 +144,6 @@ def _run_inference(inference, model, args, kwargs, L: int, options: dict):
         return {k: v[::thin] for k, v in posterior_samples(mcmc).items()}
     if inference == "svi":
         guide = latent_svi(model, *args, progress=False, seed=None, **options, **kwargs)
-        pyro.clear_param_store()
         return posterior_samples(guide, *args, num_samples=L, **kwargs)
     return inference(model, *args, num_samples=L, **options, **kwargs)
 
