@@ -19,6 +19,7 @@ from . import _io
 from ._validation import check_data
 from .flow import FILLS, InflationaryFlow
 from .ode import ADAPTIVE, FIXED, SolverError
+from .training import init_distributed
 
 __all__ = ["main"]
 
@@ -94,21 +95,29 @@ def cmd_train(a) -> None:
         "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "t_max": a.t_max,
         "hidden": a.hidden, "depth": a.depth}.items() if v is not None}
     ckpt = a.checkpoint or f"{a.out}.ckpt"
+    rank, world = init_distributed()  # torchrun --nproc-per-node N: data-parallel training
     tic = time.perf_counter()
     try:
         flow = InflationaryFlow.fit(x, checkpoint=ckpt, checkpoint_every=a.checkpoint_every,
                                     resume=a.resume, progress=not a.quiet, **settings)
     except KeyboardInterrupt:
-        print(f"pyro-inflow: interrupted; checkpoint saved to {ckpt}; continue with the same "
-              f"command and --resume {ckpt}", file=sys.stderr)
+        if rank == 0:
+            print(f"pyro-inflow: interrupted; checkpoint saved to {ckpt}; continue with the "
+                  f"same command and --resume {ckpt}", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    if rank != 0:
+        return
     if a.checkpoint is None and Path(ckpt).exists():
         Path(ckpt).unlink()
     h = flow.history
     flow.save(a.out, metadata={"trained_on": str(a.data), "settings": settings,
                                "history": {k: v[-1:] for k, v in h.items()}})
+    on = f" on {world} processes" if world > 1 else ""
     print(f"trained a {flow.schedule.schedule.upper()} flow (D={flow.dim}, d={flow.latent_dim}) "
-          f"in {time.perf_counter() - tic:.1f} s, {h['samples_seen'][-1]:,} samples seen, "
+          f"in {time.perf_counter() - tic:.1f} s{on}, {h['samples_seen'][-1]:,} samples seen, "
           f"validation loss {h['val_loss'][-1]:.4f}; wrote {a.out}")
 
 
@@ -218,7 +227,8 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("train", help="learn a flow from DATA.npy (n, D)")
+    t = sub.add_parser("train", help="learn a flow from DATA.npy (n, D); data-parallel when "
+                                     "launched with torchrun --nproc-per-node N -m pyro_inflow")
     t.add_argument("data", metavar="DATA.npy")
     t.add_argument("--out", required=True, metavar="FLOW")
     t.add_argument("--schedule", choices=("prp", "prr"), default=None)

@@ -190,16 +190,19 @@ class PreconditionedDenoiser(nn.Module):
         t = _as_time(t, self.lam)
         return self.network(w, (t / self.schedule.t_max).expand(w.shape[:-1]))
 
-    def loss(self, u: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    def loss(self, u: Tensor, t: Tensor, eps: Tensor, network: nn.Module | None = None) -> Tensor:
         r"""Denoising score-matching loss ``sum_i (Dn_i - u_i)^2 / c_out_i^2``, shape ``(B,)``.
 
         Args:
             u: clean points ``(B, D)``. t: times ``(B,)``. eps: standard normal ``(B, D)``.
+            network: evaluate this module instead of ``self.network`` (training passes its
+                ``DistributedDataParallel`` wrapper here).
         """
         c_skip, c_out, c_in, c_noise = self.preconditioning(t)
         ut = u + torch.sqrt(self.schedule.gamma(t)) * eps
         target = (u - c_skip * ut) / c_out
-        return (self.network(c_in * ut, c_noise) - target).square().sum(-1)
+        net = self.network if network is None else network
+        return (net(c_in * ut, c_noise) - target).square().sum(-1)
 
     def config(self) -> dict:
         return {"network": self.network.config()}

@@ -17,6 +17,15 @@ fixed set of ``(t, eps)`` draws, so its values are comparable across steps and r
 Checkpoints hold everything needed to continue bit-for-bit: weights, EMA, optimizer state,
 generator state, step and history; ``resume=`` continues a run to the same result as an
 uninterrupted one with the same settings.
+
+**Distributed training.** Launched by ``torchrun`` (``torch.distributed`` initialized, e.g. by
+:func:`init_distributed`), :func:`fit` trains with ``DistributedDataParallel``: every process
+draws the same global batch from the same seeded generator and evaluates its own contiguous
+share of it (``batch_size / world_size`` points), and DDP averages the gradients. The mean of
+equal shares' means is the global mean, so the run follows single-process training with the
+same seed and global batch step for step, up to the rounding of the gradient all-reduce. Only
+rank 0 shows progress and writes checkpoints; SIGINT/SIGTERM on any rank stops all ranks after
+the same step.
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as torch_dist
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import _io
@@ -42,7 +53,7 @@ from .flow import InflationaryFlow
 from .networks import build_network
 from .schedule import InflationSchedule
 
-__all__ = ["TrainConfig", "fit"]
+__all__ = ["TrainConfig", "fit", "init_distributed"]
 
 
 @dataclass
@@ -103,12 +114,67 @@ def _signal_time(sched: InflationSchedule, lam: Tensor) -> float:
     return float(min(sched.t_max, max(float(t), 1e-3 * sched.t_max)))
 
 
-def _validation_set(u_val: Tensor, sched: InflationSchedule, seed: int, repeats: int = 4):
+def _validation_set(u_val: Tensor, sched: InflationSchedule, seed: int, device: torch.device,
+                    repeats: int = 4):
     gen = torch.Generator().manual_seed(seed + 7919)
     u = u_val.repeat(repeats, 1)[:16384]
     t = torch.rand(u.shape[0], generator=gen, dtype=u.dtype) * sched.t_max
     eps = torch.randn(u.shape, generator=gen, dtype=u.dtype)
-    return u, t, eps
+    return u.to(device), t.to(device), eps.to(device)
+
+
+def _world() -> tuple[int, int]:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    return 0, 1
+
+
+def _device(device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if _world()[1] > 1 and torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _same_on_all_ranks(fp: str, cfg: TrainConfig) -> None:
+    """Refuse on every rank at once (not hang) when the processes' data or settings differ."""
+    mine = (fp, asdict(cfg))
+    everyone = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        if theirs != mine:
+            what = "data" if theirs[0] != fp else "settings"
+            raise ValueError(f"fit: distributed rank {rank} was given different {what} than "
+                             f"rank {torch_dist.get_rank()}; every process must pass the same")
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    Call it once at the start of a script launched with ``torchrun --nproc-per-node N``;
+    :func:`fit` then trains data-parallel. ``pyro-inflow train`` calls it for you.
+
+    Args:
+        backend: ``"gloo"`` (CPU) or ``"nccl"`` (one GPU per process); default NCCL when CUDA
+            is available, else gloo.
+
+    Returns:
+        ``(rank, world_size)``; ``(0, 1)`` without an initialized group when the process was
+        not started by ``torchrun`` (no ``WORLD_SIZE`` in the environment, or ``1``).
+    """
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return _world()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch_dist.init_process_group(backend)
+    return _world()
 
 
 def fit(
@@ -119,6 +185,7 @@ def fit(
     resume: str | os.PathLike | None = None,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
     **settings,
 ) -> InflationaryFlow:
     """Learn an inflationary flow from samples.
@@ -131,12 +198,19 @@ def fit(
         resume: continue from this checkpoint (same data and settings; ``steps`` may grow).
         progress: show a tqdm bar with the loss, validation loss and samples per second.
         dtype: training dtype (the returned flow can be converted with ``.double()``).
+        device: where the network trains (default: the CPU, or under NCCL this process's
+            ``cuda:LOCAL_RANK``). Random draws are made on the CPU generator whatever the
+            device, so a seed gives the same batches everywhere. The flow is returned there.
         **settings: fields of :class:`TrainConfig`, e.g. ``schedule="prr"``,
             ``dims_to_keep=2``, ``steps``, ``batch_size``, ``lr``, ``seed``.
 
     Returns:
         The flow with the EMA weights, frozen (``requires_grad=False``); its ``history``
         attribute holds steps, losses, samples seen and wall time.
+
+    Under ``torchrun`` (an initialized default process group) the run is data-parallel; see
+    the module docstring. ``batch_size`` is the global batch and must divide evenly among the
+    processes; every process must pass the same data and settings.
 
     Example:
         >>> from pyro_inflow import datasets
@@ -161,6 +235,14 @@ def fit(
     if x.shape[0] < x.shape[1] + 2:
         raise ValueError(f"data: expected at least D + 2 = {x.shape[1] + 2} points to estimate "
                          f"a covariance, got {x.shape[0]}")
+    rank, world = _world()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size: the global batch {cfg.batch_size} does not divide among "
+                         f"{world} processes; use a multiple of {world}")
+    device = _device(device)
+    fp = _fingerprint(x)
+    if world > 1:
+        _same_on_all_ranks(fp, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     train_idx, val_idx = _split(x.shape[0], cfg.validation_fraction, gen)
     basis = EigenBasis.from_data(x[train_idx]).to(dtype)
@@ -169,7 +251,7 @@ def fit(
         gamma0=cfg.gamma0, rho=cfg.rho, A0=cfg.A0, t_max=cfg.t_max, lam=basis.lam.tolist(),
     ).to(dtype)
     u_all = basis.to_eigen(x.to(dtype))
-    u_train, u_val = u_all[train_idx], u_all[val_idx]
+    u_train, u_val = u_all[train_idx].to(device), u_all[val_idx]
     default_dtype = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):  # same initial weights whatever the default dtype
         torch.manual_seed(cfg.seed)
@@ -178,24 +260,29 @@ def fit(
             net = build_network(cfg.network, dim=x.shape[1], hidden=cfg.hidden, depth=cfg.depth)
         finally:
             torch.set_default_dtype(default_dtype)
-    model = PreconditionedDenoiser(sched, basis.lam.clone(), net.to(dtype))
+    model = PreconditionedDenoiser(sched, basis.lam.clone(), net.to(dtype)).to(device)
     ema = PreconditionedDenoiser(sched, basis.lam.clone(), build_network(**net.config()).to(dtype))
+    ema = ema.to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.Adam(model.network.parameters(), lr=cfg.lr)
     history = {"step": [], "train_loss": [], "val_loss": [], "samples_seen": [], "wall_s": []}
     start, wall0 = 0, 0.0
-    fp = _fingerprint(x)
     if resume is not None:
         start, wall0, history = _restore(resume, cfg, fp, model, ema, opt, gen)
-    val = _validation_set(u_val, sched, cfg.seed) if len(val_idx) else None
+    val = _validation_set(u_val, sched, cfg.seed, device) if len(val_idx) else None
 
     def save(step: int, wall: float) -> None:
-        _save(checkpoint, cfg, fp, basis, model, ema, opt, gen, step, wall, history)
+        if rank == 0:
+            _save(checkpoint, cfg, fp, basis, model, ema, opt, gen, step, wall, history)
 
-    _loop(cfg, model, ema, opt, gen, u_train, val, history, start, wall0, progress, save,
-          checkpoint_every if checkpoint else None)
-    flow = InflationaryFlow(basis, ema)
+    net = model.network
+    if world > 1:
+        net = DistributedDataParallel(
+            model.network, device_ids=[device.index] if device.type == "cuda" else None)
+    _loop(cfg, model, net, ema, opt, gen, u_train, val, history, start, wall0,
+          progress and rank == 0, save, checkpoint_every if checkpoint else None, rank, world)
+    flow = InflationaryFlow(basis.to(device), ema)
     flow.history = history
     return flow.requires_grad_(False)
 
@@ -220,10 +307,11 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _loop(cfg, model, ema, opt, gen, u_train, val, history, start, wall0, progress, save,
-          checkpoint_every):
+def _loop(cfg, model, net, ema, opt, gen, u_train, val, history, start, wall0, progress, save,
+          checkpoint_every, rank, world):
     n = u_train.shape[0]
     times = (model.schedule.t_max, _signal_time(model.schedule, model.lam))
+    share = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     params = list(model.network.parameters())
     ema_params = list(ema.network.parameters())
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="training",
@@ -233,15 +321,16 @@ def _loop(cfg, model, ema, opt, gen, u_train, val, history, start, wall0, progre
     with _StopFlag() as stop:
         try:
             for step in range(start, cfg.steps):
-                if stop.raised:
+                if _stopping(stop.raised, world, u_train.device):
                     raise KeyboardInterrupt
-                loss = _step(cfg, step, model, opt, params, ema_params, gen, u_train, n, times)
+                loss = _step(cfg, step, model, net, opt, params, ema_params, gen, u_train, n,
+                             times, share)
                 running, since = running + loss, since + 1
                 done = step + 1
                 if done % cfg.eval_every == 0 or done == cfg.steps:
                     wall = wall0 + time.perf_counter() - tic
-                    _log(cfg, history, done, float(running / since), _val_loss(ema, val),
-                         wall, since, wall0, bar)
+                    _log(cfg, history, done, _mean_over_ranks(running / since, world),
+                         _val_loss(ema, val), wall, since, wall0, bar)
                     running, since = 0.0, 0
                 if checkpoint_every and (done % checkpoint_every == 0 or done == cfg.steps):
                     save(done, wall0 + time.perf_counter() - tic)
@@ -254,16 +343,37 @@ def _loop(cfg, model, ema, opt, gen, u_train, val, history, start, wall0, progre
     bar.close()
 
 
-def _step(cfg, step, model, opt, params, ema_params, gen, u_train, n, times) -> Tensor:
+def _stopping(raised: bool, world: int, device: torch.device) -> bool:
+    """Whether any rank was asked to stop (every rank leaves after the same step)."""
+    if world == 1:
+        return raised
+    flag = torch.tensor([int(raised)], device=device)
+    torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _mean_over_ranks(loss, world: int) -> float:
+    if world > 1:
+        loss = loss.clone()
+        torch_dist.all_reduce(loss)
+        loss = loss / world
+    return float(loss)
+
+
+def _step(cfg, step, model, net, opt, params, ema_params, gen, u_train, n, times,
+          share) -> Tensor:
     for group in opt.param_groups:
         group["lr"] = _lr_at(step, cfg)
+    # the whole global batch is drawn on every rank (same generator), each keeps its share
     idx = torch.randint(n, (cfg.batch_size,), generator=gen)
     t_max, t_signal = times
     t = torch.rand(cfg.batch_size, generator=gen, dtype=u_train.dtype)
     focus = torch.rand(cfg.batch_size, generator=gen) < cfg.signal_fraction
     t = t * torch.where(focus, t_signal, t_max)
     eps = torch.randn(cfg.batch_size, u_train.shape[1], generator=gen, dtype=u_train.dtype)
-    loss = model.loss(u_train[idx], t, eps).mean()
+    dev = u_train.device
+    idx, t, eps = idx[share].to(dev), t[share].to(dev), eps[share].to(dev)
+    loss = model.loss(u_train[idx], t, eps, network=net).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
