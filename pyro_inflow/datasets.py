@@ -1,4 +1,4 @@
-"""Seeded toy data sets, generated here (no download, no scikit-learn).
+"""Seeded toy data sets, generated here (no download), and the 8x8 digits shipped with scikit-learn.
 
 The generators follow the paper's toy experiments (scikit-learn's ``make_*`` recipes with the
 authors' noise levels), but draw i.i.d. points (random angles rather than an even grid), so
@@ -15,7 +15,15 @@ moons          2   two interleaved half circles, Gaussian noise 0.08
 sine           2   ``y = sin(4 pi x) / 4 + N(0, 0.15^2)``, ``x ~ U(-1, 1)``
 s_curve        3   the S-shaped surface, Gaussian noise 0.2
 swiss_roll     3   the rolled sheet, Gaussian noise 1.25
+digits        64   scikit-learn's 1,797 8x8 handwritten digits (optional extra)
 ============  ===  ==========================================================
+
+``digits`` are real data: the images that ship inside scikit-learn (``pip install
+"pyro-inflow[digits]"``; nothing is downloaded). Pixels are integers 0..16; each is
+dequantized with uniform noise and scaled to ``[0, 1)``: ``(pixel + U(0, 1)) / 17``, which
+gives the data a density (and the three always-blank corner pixels a variance). ``seed``
+permutes the images, so slices of one call are disjoint (train on ``x[:1500]``, hold out
+``x[1500:]``).
 """
 
 from __future__ import annotations
@@ -69,7 +77,21 @@ _GENERATORS = {
     "s_curve": _s_curve,
     "swiss_roll": _swiss_roll,
 }
-NAMES = tuple(_GENERATORS)
+NAMES = (*_GENERATORS, "digits")
+DIGITS = 1797
+
+
+def _digits(n: int, seed: int) -> np.ndarray:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError('load("digits") needs scikit-learn, which ships the images: '
+                          'pip install "pyro-inflow[digits]"') from e
+    if n > DIGITS:
+        raise ValueError(f"n: digits has {DIGITS} images, got n={n}")
+    rng = np.random.default_rng(seed)
+    pixels = load_digits().data[rng.permutation(DIGITS)[:n]]
+    return (pixels + rng.random(pixels.shape)) / 17.0
 
 
 @cache
@@ -79,23 +101,28 @@ def _standardization(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load(
-    name: str, n: int = 20_000, seed: int = 0, dtype: torch.dtype = torch.float32
+    name: str, n: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``n`` i.i.d. standardized samples ``(n, D)`` of a toy data set.
+    """``n`` samples ``(n, D)`` of a data set: standardized toys, or dequantized digits.
 
     Args:
-        name: one of ``NAMES``: circles, moons, sine (2-D); s_curve, swiss_roll (3-D).
-        n: number of points.
-        seed: random seed; different seeds give independent samples.
+        name: one of ``NAMES``: circles, moons, sine (2-D); s_curve, swiss_roll (3-D);
+            digits (64-D, needs scikit-learn).
+        n: number of points (default 20,000 for the toys, all 1,797 images for digits).
+        seed: random seed; different seeds give independent toy samples; for digits it
+            permutes the images and draws the dequantization noise.
         dtype: floating dtype of the result.
 
     Example:
         >>> load("moons", n=3, seed=0).shape
         torch.Size([3, 2])
     """
-    if name not in _GENERATORS:
+    if name not in NAMES:
         raise ValueError(f"name: expected one of {NAMES}, got {name!r}")
-    n = check_positive_int(n, "n")
+    if name == "digits":
+        n = check_positive_int(DIGITS if n is None else n, "n")
+        return torch.as_tensor(_digits(n, seed), dtype=dtype)
+    n = check_positive_int(20_000 if n is None else n, "n")
     mean, std = _standardization(name)
     x = (_GENERATORS[name](np.random.default_rng(seed), n) - mean) / std
     return torch.as_tensor(x, dtype=dtype)

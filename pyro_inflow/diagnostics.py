@@ -454,6 +454,20 @@ def summary(idata, var_names=None, **kwargs):
     return az.summary(idata, var_names=var_names, **kwargs)
 
 
+def mcse_mean(values) -> tuple[float, float, float]:
+    """Mean of ``values (chain, draw)`` with its Monte Carlo standard error and bulk ESS.
+
+    For an indicator (e.g. ``x[..., 0] > 0``) this is a posterior probability and how far the
+    chains' autocorrelation lets it be trusted: ``(mean, mcse, ess_bulk)``.
+    """
+    import arviz as az
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 2:
+        raise ValueError(f"values: expected shape (chain, draw), got {v.shape}")
+    return float(v.mean()), float(az.mcse(v, method="mean")), float(az.ess(v, method="bulk"))
+
+
 # ------------------------------------------------------------------ plots
 def plot_sbc(results: Mapping[str, object] | Sequence[object], path=None, *,
              max_parameters: int = 6):

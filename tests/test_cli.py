@@ -163,10 +163,12 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert inv["chains"] == 2 and inv["draws_per_chain"] == 40
     p = inv["p_right_moon"]
     assert 0.0 <= p["nuts"] <= 1.0 and 0.2 < p["quadrature"] < 0.9
+    assert 0.0 <= p["nuts_mcse"] < 0.5 and p["nuts_ess"] > 0
     assert all(np.isfinite(inv["posterior_sd"][k]).all() for k in ("nuts", "svi_mean_field"))
     assert inv["ess_bulk_min"] > 0 and inv["r_hat_max"] > 0.9
     printed = capsys.readouterr().out
     assert "latent coverage" in printed and "ess_bulk" in printed and "x_base[0]" in printed
+    assert "(Monte Carlo s.e.; ESS" in printed
     assert InflationaryFlow.load(out / "moons.flow").latent_dim == 2
 
 

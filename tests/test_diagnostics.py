@@ -14,6 +14,7 @@ from pyro_inflow.diagnostics import (
     credible_regions,
     identifiability,
     latent_coverage,
+    mcse_mean,
     to_inference_data,
     winding_number,
 )
@@ -153,3 +154,20 @@ def test_to_inference_data_of_a_guide():
     assert idata.posterior["x"].shape == (1, 100, 2)
     assert "sample_stats" not in idata.groups()
     assert idata.log_likelihood["y"].shape == (1, 100, 3)
+
+
+def test_mcse_mean_knows_autocorrelation():
+    """iid draws: s.e. sqrt(p(1-p)/n); AR(1) with rho = 0.9: ESS n (1 - rho) / (1 + rho)."""
+    rng = np.random.default_rng(0)
+    iid = (rng.standard_normal((4, 2000)) > 0.3).astype(float)
+    p, se, ess = mcse_mean(iid)
+    assert abs(p - 0.3821) < 0.03
+    assert se == pytest.approx(np.sqrt(p * (1 - p) / iid.size), rel=0.15)
+    rho, chains = 0.9, np.zeros((4, 20_000))
+    for i in range(1, chains.shape[1]):
+        chains[:, i] = rho * chains[:, i - 1] + np.sqrt(1 - rho**2) * rng.standard_normal(4)
+    _, se, ess = mcse_mean(chains)
+    assert ess == pytest.approx(chains.size * (1 - rho) / (1 + rho), rel=0.25)
+    assert se == pytest.approx(1 / np.sqrt(ess), rel=0.1)
+    with pytest.raises(ValueError, match="values: expected shape"):
+        mcse_mean(np.zeros(10))
