@@ -28,7 +28,7 @@ from .inference import latent_nuts, latent_svi, posterior_samples, reparam_flow_
 from .ode import SolverError
 from .sbc import SBCResult, simulation_based_calibration
 from .schedule import InflationSchedule
-from .training import TrainConfig
+from .training import TrainConfig, TrainingDiverged
 from .transforms import InflationaryFlowTransform
 
 __version__ = "0.1.0"
@@ -44,6 +44,7 @@ __all__ = [
     "EmpiricalDenoiser",
     "PreconditionedDenoiser",
     "TrainConfig",
+    "TrainingDiverged",
     "SolverError",
     "datasets",
     "reparam_flow_priors",

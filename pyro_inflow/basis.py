@@ -46,6 +46,15 @@ class EigenBasis(nn.Module):
 
     def __init__(self, mean: Tensor, W: Tensor, lam: Tensor, scale: Tensor) -> None:
         super().__init__()
+        mean, W, lam, scale = (torch.as_tensor(v) for v in (mean, W, lam, scale))
+        D = mean.shape[0] if mean.dim() == 1 else -1
+        if (D < 1 or W.shape != (D, D) or lam.shape != (D,) or scale.dim() != 0
+                or not all(v.is_floating_point() for v in (mean, W, lam, scale))):
+            raise ValueError(f"EigenBasis: expected floating mean (D,), W (D, D), lam (D,) and "
+                             f"scale (), got shapes {tuple(mean.shape)}, {tuple(W.shape)}, "
+                             f"{tuple(lam.shape)}, {tuple(scale.shape)}")
+        if not (bool((lam > 0).all()) and bool(scale > 0)):
+            raise ValueError("EigenBasis: expected positive lam and scale")
         self.register_buffer("mean", torch.as_tensor(mean))
         self.register_buffer("W", torch.as_tensor(W))
         self.register_buffer("lam", torch.as_tensor(lam))

@@ -19,7 +19,7 @@ from . import _io
 from ._validation import check_data
 from .flow import FILLS, InflationaryFlow
 from .ode import ADAPTIVE, FIXED, SolverError
-from .training import init_distributed
+from .training import TrainingDiverged, init_distributed
 
 __all__ = ["main"]
 
@@ -100,6 +100,11 @@ def cmd_train(a) -> None:
     try:
         flow = InflationaryFlow.fit(x, checkpoint=ckpt, checkpoint_every=a.checkpoint_every,
                                     resume=a.resume, progress=not a.quiet, **settings)
+    except TrainingDiverged as e:
+        raise FloatingPointError(
+            f"training diverged at step {e.step + 1} (non-finite loss or gradient); the last "
+            f"good weights (step {e.step}) are in the checkpoint {ckpt}; train again with a "
+            f"lower --lr") from None
     except KeyboardInterrupt:
         if rank == 0:
             print(f"pyro-inflow: interrupted; checkpoint saved to {ckpt}; continue with the "

@@ -31,6 +31,7 @@ __all__ = [
     "EmpiricalDenoiser",
     "PreconditionedDenoiser",
     "DENOISERS",
+    "check_mixture",
 ]
 
 
@@ -41,6 +42,32 @@ class Denoiser(Protocol):
     schedule: InflationSchedule
 
     def __call__(self, ut: Tensor, t: Tensor) -> Tensor: ...
+
+
+def check_mixture(weights, means, covariances, dtype: torch.dtype | None = None):
+    """Validate a Gaussian mixture ``(K,), (K, D), (K, D, D)``; returns the three tensors."""
+    w, m, S = (torch.as_tensor(v, dtype=dtype) for v in (weights, means, covariances))
+    if w.dim() != 1 or m.dim() != 2 or S.dim() != 3:
+        raise ValueError(
+            f"weights, means, covariances: expected shapes (K,), (K, D), (K, D, D), got "
+            f"{tuple(w.shape)}, {tuple(m.shape)}, {tuple(S.shape)}"
+        )
+    K, D = m.shape
+    if w.shape[0] != K or S.shape != (K, D, D):
+        raise ValueError(
+            f"weights, means, covariances: expected shapes ({K},), ({K}, {D}), "
+            f"({K}, {D}, {D}), got {tuple(w.shape)}, {tuple(m.shape)}, {tuple(S.shape)}"
+        )
+    for name, v in (("weights", w), ("means", m), ("covariances", S)):
+        if not v.is_floating_point():
+            raise TypeError(f"{name}: expected floating-point values, got {v.dtype}")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{name}: expected finite values, got NaN or Inf")
+    if not (w > 0).all():
+        raise ValueError("weights: expected positive weights")
+    if (torch.linalg.eigvalsh(0.5 * (S + S.mT)) < -1e-10 * S.abs().amax()).any():
+        raise ValueError("covariances: expected positive semi-definite matrices")
+    return w, m, S
 
 
 class GaussianMixtureDenoiser(nn.Module):
@@ -65,6 +92,10 @@ class GaussianMixtureDenoiser(nn.Module):
         covariances: Tensor,
     ) -> None:
         super().__init__()
+        weights, means, covariances = check_mixture(weights, means, covariances)
+        if means.shape[1] != schedule.dim:
+            raise ValueError(f"means: dimension {means.shape[1]} does not match the schedule's "
+                             f"{schedule.dim}")
         self.schedule = schedule
         self.register_buffer("weights", weights / weights.sum())
         self.register_buffer("means", means)

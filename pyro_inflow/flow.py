@@ -11,7 +11,13 @@ from torch import Tensor, nn
 from . import _io
 from ._validation import check_data, check_positive_int
 from .basis import EigenBasis
-from .denoisers import DENOISERS, Denoiser, EmpiricalDenoiser, GaussianMixtureDenoiser
+from .denoisers import (
+    DENOISERS,
+    Denoiser,
+    EmpiricalDenoiser,
+    GaussianMixtureDenoiser,
+    check_mixture,
+)
 from .ode import ProbabilityFlow, SolveInfo, solve
 from .schedule import InflationSchedule
 
@@ -110,27 +116,8 @@ class InflationaryFlow(nn.Module):
                 :class:`~pyro_inflow.schedule.InflationSchedule`.
             dtype: computation dtype (float64 by default).
         """
-        w = torch.as_tensor(weights, dtype=dtype)
-        m = torch.as_tensor(means, dtype=dtype)
-        S = torch.as_tensor(covariances, dtype=dtype)
-        if w.dim() != 1 or m.dim() != 2 or S.dim() != 3:
-            raise ValueError(
-                f"weights, means, covariances: expected shapes (K,), (K, D), (K, D, D), got "
-                f"{tuple(w.shape)}, {tuple(m.shape)}, {tuple(S.shape)}"
-            )
+        w, m, S = check_mixture(weights, means, covariances, dtype)
         K, D = m.shape
-        if w.shape[0] != K or S.shape != (K, D, D):
-            raise ValueError(
-                f"weights, means, covariances: expected shapes ({K},), ({K}, {D}), "
-                f"({K}, {D}, {D}), got {tuple(w.shape)}, {tuple(m.shape)}, {tuple(S.shape)}"
-            )
-        for name, v in (("weights", w), ("means", m), ("covariances", S)):
-            if not torch.isfinite(v).all():
-                raise ValueError(f"{name}: expected finite values, got NaN or Inf")
-        if not (w > 0).all():
-            raise ValueError("weights: expected positive weights")
-        if (torch.linalg.eigvalsh(0.5 * (S + S.mT)) < -1e-10 * S.abs().amax()).any():
-            raise ValueError("covariances: expected positive semi-definite matrices")
         w = w / w.sum()
         mean = (w[:, None] * m).sum(0)
         dev = m - mean
@@ -339,7 +326,11 @@ class InflationaryFlow(nn.Module):
             den = DENOISERS[spec["type"]]._from_saved(sched, basis.lam, spec["config"],
                                                      spec["state"])
             flow = cls(basis, den.to(dtype))
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            for name, value in flow.state_dict().items():
+                if value.is_floating_point() and not torch.isfinite(value).all():
+                    raise ValueError(f"non-finite values in {name}")
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError,
+                IndexError) as e:
             raise ValueError(f"{path}: corrupt pyro_inflow flow file ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
         flow.metadata = record.get("metadata", {})

@@ -351,6 +351,7 @@ def solve(
         num_steps: fixed steps of ``warped_rk4`` (``4 * num_steps + 1`` evaluations); ``None``
             chooses them from ``rtol``.
         max_num_steps: step budget of adaptive solvers.
+        first_step: first trial step of adaptive solvers (default ``|t1 - t0| / 100``).
         adjoint: backpropagate with the adjoint method (a second ODE solved backward, memory
             independent of the number of steps) instead of through the solver's operations.
             Gradients flow to ``w0`` only: the field's weights are treated as constants.
@@ -385,11 +386,15 @@ def solve(
     options: dict = {}
     if method in ADAPTIVE:
         options = {"max_num_steps": max_num_steps, "norm": _pointwise_norm}
-        if first_step is not None:
-            options["first_step"] = first_step
+        # a fixed first trial step: torchdiffeq's heuristic divides by the field's norm, which
+        # nearly vanishes for near-Gaussian data, and in float32 its rounding noise proposed
+        # first steps far past t1 (the schedule then overflowed at t ~ 1e5)
+        options["first_step"] = 0.01 * abs(t1 - t0) if first_step is None else first_step
     else:
         options = {"step_size": step_size or abs(t1 - t0) / 100}
     times = torch.tensor([t0, t1], dtype=w0.dtype, device=w0.device)
+    if method in ADAPTIVE:  # land on t1 instead of stepping past it and interpolating back:
+        options["step_t"] = times  # the schedule overflows far beyond T (float32 at t ~ 45)
     try:
         integrate = functools.partial(odeint_adjoint, adjoint_params=()) if adjoint else odeint
         y1 = integrate(counted, y0, times, method=method, rtol=rtol, atol=atol,

@@ -37,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -47,13 +48,31 @@ from tqdm.auto import tqdm
 
 from . import _io
 from ._validation import check_data, check_positive_int
-from .basis import EigenBasis
+from .basis import EIGENVALUE_FLOOR, EigenBasis
 from .denoisers import PreconditionedDenoiser
 from .flow import InflationaryFlow
 from .networks import build_network
 from .schedule import InflationSchedule
 
-__all__ = ["TrainConfig", "fit", "init_distributed"]
+__all__ = ["TrainConfig", "TrainingDiverged", "fit", "init_distributed"]
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training met a non-finite loss or gradient and stopped before applying that step.
+
+    Attributes:
+        flow: the flow with the last good EMA weights (those after ``step`` steps).
+        step: the number of steps completed before the bad one.
+    """
+
+    def __init__(self, message: str, flow=None, step: int = 0) -> None:
+        super().__init__(message)
+        self.flow, self.step = flow, step
+
+
+class _Diverged(Exception):
+    def __init__(self, step: int, loss: float) -> None:
+        self.step, self.loss = step, loss
 
 
 @dataclass
@@ -121,6 +140,24 @@ def _validation_set(u_val: Tensor, sched: InflationSchedule, seed: int, device: 
     t = torch.rand(u.shape[0], generator=gen, dtype=u.dtype) * sched.t_max
     eps = torch.randn(u.shape, generator=gen, dtype=u.dtype)
     return u.to(device), t.to(device), eps.to(device)
+
+
+def _check_rank(x: Tensor, basis: EigenBasis, cfg: TrainConfig) -> None:
+    """Refuse data whose covariance is (numerically) singular unless a PR-reducing schedule
+    compresses every degenerate direction."""
+    D = x.shape[1]
+    rank = int((basis.lam > EIGENVALUE_FLOOR).sum())
+    if rank == D:
+        return
+    keep = cfg.dims_to_keep
+    if cfg.schedule == "prr" and (not isinstance(keep, int) or not 1 <= keep < D
+                                  or keep <= rank):
+        return  # compressed (or the schedule reports a missing or invalid dims_to_keep)
+    const = (x.std(0) <= 1e-12 * x.abs().amax().clamp_min(1e-300)).nonzero().flatten().tolist()
+    why = (f"column(s) {const} are constant" if const else
+           f"its columns are linearly dependent (covariance rank {rank} < D={D})")
+    raise ValueError(f"data: {why}, so the flow would have no density in those directions; "
+                     f"drop them, or compress them with schedule='prr', dims_to_keep <= {rank}")
 
 
 def _world() -> tuple[int, int]:
@@ -225,6 +262,13 @@ def fit(
     for name in ("steps", "batch_size", "eval_every"):
         check_positive_int(getattr(cfg, name), name)
     check_positive_int(checkpoint_every, "checkpoint_every")
+    for name in ("lr", "max_grad_norm", "gamma0", "rho", "A0"):
+        value = getattr(cfg, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    if not (isinstance(cfg.ema_decay, (int, float)) and 0 <= cfg.ema_decay < 1):
+        raise ValueError(f"ema_decay: expected a number in [0, 1), got {cfg.ema_decay!r}")
+    check_positive_int(cfg.warmup, "warmup", minimum=0)
     if not 0 <= cfg.signal_fraction <= 1:
         raise ValueError(f"signal_fraction: expected a number in [0, 1], "
                          f"got {cfg.signal_fraction}")
@@ -245,7 +289,11 @@ def fit(
         _same_on_all_ranks(fp, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     train_idx, val_idx = _split(x.shape[0], cfg.validation_fraction, gen)
-    basis = EigenBasis.from_data(x[train_idx]).to(dtype)
+    with warnings.catch_warnings():  # degenerate directions: judged below, with the schedule
+        warnings.simplefilter("ignore")
+        basis = EigenBasis.from_data(x[train_idx])
+    _check_rank(x[train_idx], basis, cfg)
+    basis = basis.to(dtype)
     sched = InflationSchedule(
         x.shape[1], cfg.schedule, cfg.dims_to_keep, inflation_gap=cfg.inflation_gap,
         gamma0=cfg.gamma0, rho=cfg.rho, A0=cfg.A0, t_max=cfg.t_max, lam=basis.lam.tolist(),
@@ -280,11 +328,23 @@ def fit(
     if world > 1:
         net = DistributedDataParallel(
             model.network, device_ids=[device.index] if device.type == "cuda" else None)
-    _loop(cfg, model, net, ema, opt, gen, u_train, val, history, start, wall0,
-          progress and rank == 0, save, checkpoint_every if checkpoint else None, rank, world)
-    flow = InflationaryFlow(basis.to(device), ema)
-    flow.history = history
-    return flow.requires_grad_(False)
+
+    def result() -> InflationaryFlow:
+        flow = InflationaryFlow(basis.to(device), ema)
+        flow.history = history
+        return flow.requires_grad_(False)
+
+    try:
+        _loop(cfg, model, net, ema, opt, gen, u_train, val, history, start, wall0,
+              progress and rank == 0, save, checkpoint_every if checkpoint else None, rank, world)
+    except _Diverged as e:
+        kept = f"; they are also in the checkpoint {checkpoint}" if checkpoint else ""
+        raise TrainingDiverged(
+            f"training diverged at step {e.step + 1}: non-finite loss or gradient (loss "
+            f"{e.loss:.4g}); stopped before that step and kept the last good weights (after "
+            f"step {e.step}) in this error's .flow{kept}; lower lr (now {cfg.lr:g}) or check "
+            f"the data", result(), e.step) from None
+    return result()
 
 
 class _StopFlag:
@@ -335,7 +395,7 @@ def _loop(cfg, model, net, ema, opt, gen, u_train, val, history, start, wall0, p
                 if checkpoint_every and (done % checkpoint_every == 0 or done == cfg.steps):
                     save(done, wall0 + time.perf_counter() - tic)
                 bar.update(1)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, _Diverged):
             bar.close()
             if checkpoint_every:  # `step` steps are complete: the state is whole
                 save(step, wall0 + time.perf_counter() - tic)
@@ -376,7 +436,10 @@ def _step(cfg, step, model, net, opt, params, ema_params, gen, u_train, n, times
     loss = model.loss(u_train[idx], t, eps, network=net).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    # the norm of the (all-reduced) gradient: non-finite on every rank at once if on any
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    if not torch.isfinite(norm):
+        raise _Diverged(step, float(loss.detach()))
     opt.step()
     decay = min(cfg.ema_decay, (1 + step) / (10 + step))
     with torch.no_grad():

@@ -84,6 +84,10 @@ def _bad_inputs(tmp_path):
     with open(tmp_path / "evil.flow", "wb") as f:
         pickle.dump(Evil(tmp_path / "pwned"), f)
     np.save(tmp_path / "ok3.npy", np.random.default_rng(0).normal(size=(50, 3)))
+    const = np.random.default_rng(0).normal(size=(50, 3))
+    const[:, 2] = 4.0
+    np.save(tmp_path / "const.npy", const)
+    np.save(tmp_path / "empty2.npy", np.zeros((0, 2)))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -109,6 +113,17 @@ def _bad_inputs(tmp_path):
          "not a readable pyro_inflow flow"),
         (["log-prob", "{flow}", "{t}/nan.npy", "--out", "{t}/o.npy"], "expected finite"),
         (["sample", "{flow}", "-n", "0", "--out", "{t}/o.npy"], "positive number of samples"),
+        (["train", "{t}/const.npy", "--out", "{t}/o.flow"], r"column\(s\) \[2\] are constant"),
+        (["train", "{t}/empty2.npy", "--out", "{t}/o.flow"], "expected at least 1 point"),
+        (["train", "{t}/ok3.npy", "--out", "{t}/o.flow", "--lr", "-1"],
+         "lr: expected a positive number"),
+        (["train", "{t}/ok3.npy", "--out", "{t}/o.flow", "--batch-size", "0"],
+         "batch_size: expected an integer >= 1"),
+        (["train", "{t}/ok3.npy", "--out", "{t}/o.flow", "--resume", "{flow}"],
+         "expected a pyro_inflow checkpoint file, got a 'flow' file"),
+        (["train", "{t}/ok3.npy", "--out", "{t}/o.flow", "--resume", "{t}/evil.flow"],
+         "refused unrun"),
+        (["decode", "{flow}", "{t}/wide.npy", "--out", "{t}/o.npy"], "expected last dimension 2"),
         (["encode", "{flow}", "{t}/ok3.npy"], "--out"),
         (["decode", "{flow}", "{t}/ok3.npy", "--out", "{t}/o.npy", "--method", "magic"],
          "invalid choice"),

@@ -1,3 +1,6 @@
+import warnings
+
+import numpy as np
 import pytest
 import torch
 
@@ -81,6 +84,18 @@ def test_resume_continues_to_the_same_result(tmp_path, monkeypatch):
          r"dims_to_keep: expected an integer in \[1, 2\]"),
         (torch.randn(100, 2), {"stepz": 3}, TypeError, "unexpected setting"),
         (torch.randn(100, 2), {"network": "unet"}, ValueError, "network: expected one of"),
+        (torch.randn(100, 2), {"lr": -1.0}, ValueError, "lr: expected a positive number"),
+        (torch.randn(100, 2), {"lr": float("nan")}, ValueError, "lr: expected a positive"),
+        (torch.randn(100, 2), {"ema_decay": 1.0}, ValueError, r"ema_decay: expected .* \[0, 1\)"),
+        (torch.randn(100, 2), {"batch_size": 0}, ValueError, "batch_size: expected an integer"),
+        (torch.cat([torch.randn(100, 2), torch.ones(100, 1)], 1), {}, ValueError,
+         r"data: column\(s\) \[2\] are constant.*dims_to_keep <= 2"),
+        (torch.randn(100, 1).repeat(1, 3), {}, ValueError,
+         r"data: its columns are linearly dependent \(covariance rank 1 < D=3\)"),
+        (torch.cat([torch.randn(100, 2), torch.ones(100, 1)], 1),
+         {"schedule": "prr", "dims_to_keep": 3}, ValueError, "dims_to_keep: expected an integer"),
+        (np.ones((50, 2), dtype=int), {}, TypeError, "data: expected a floating-point array"),
+        (np.zeros((0, 2)), {}, ValueError, "data: expected at least 1 point"),
     ],
 )
 def test_fit_rejects_bad_input(data, kwargs, err, match):
@@ -101,3 +116,12 @@ def test_default_training_is_calibrated_on_toys(name):
         back = flow.decode(z)
     assert latent_coverage(z)["max_abs_error"] < 0.03
     assert roundtrip_error(held, back)["rms"] < 1e-3
+
+
+def test_constant_column_is_fine_when_prr_compresses_it():
+    x = torch.cat([torch.randn(300, 2), torch.ones(300, 1)], 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even the eigenvalue-floor warning
+        flow = InflationaryFlow.fit(x, schedule="prr", dims_to_keep=2, steps=3, progress=False)
+    z = flow.encode(x[:5])
+    assert z.shape == (5, 2) and torch.isfinite(z).all()
