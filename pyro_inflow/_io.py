@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -58,7 +59,9 @@ def load_payload(path: str | os.PathLike, kind: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": refused anyway
+            warnings.simplefilter("ignore")
+            record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any failure to parse an untrusted file is the same user error
         raise ValueError(
             f"{path}: not a readable pyro_inflow {kind} file (truncated, corrupt, or holding "

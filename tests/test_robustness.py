@@ -133,3 +133,22 @@ def test_diverging_training_at_the_cli_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("pyro-inflow: error: training diverged at")
     assert "f.flow.ckpt" in lines[0] and "lower --lr" in lines[0]
     assert not (tmp_path / "f.flow").exists() and (tmp_path / "f.flow.ckpt").exists()
+
+
+def test_hostile_flow_at_the_cli_is_one_line_and_runs_nothing(tmp_path):
+    import pickle
+
+    from _helpers import Evil
+
+    with open(tmp_path / "evil.flow", "wb") as f:
+        pickle.dump(Evil(tmp_path / "pwned"), f)
+    np.save(tmp_path / "x.npy", np.zeros((3, 2)))
+    run = subprocess.run([sys.executable, "-m", "pyro_inflow", "encode", "evil.flow", "x.npy",
+                          "--out", "z.npy"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "pyro-inflow: error: evil.flow: not a readable pyro_inflow flow file (truncated, "
+        "corrupt, or holding objects other than tensors and plain data, which are refused "
+        "unrun; UnpicklingError)"]
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "z.npy").exists()
