@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -161,10 +160,8 @@ def run_demo(out: Path, n: int = 20_000, steps: int = 4000, seed: int = 0,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one point per gradient: more threads only add overhead
     try:
-        with warnings.catch_warnings():  # Pyro: "Chains will be drawn sequentially" (2 cores)
-            warnings.filterwarnings("ignore", message="num_chains=", category=UserWarning)
-            mcmc = latent_nuts(model, y, num_samples=draws, warmup_steps=draws, num_chains=2,
-                               progress=progress, seed=seed)
+        mcmc = latent_nuts(model, y, num_samples=draws, warmup_steps=draws, num_chains=2,
+                           progress=progress, seed=seed)
     finally:
         torch.set_num_threads(threads)
     nuts_s = time.perf_counter() - tic

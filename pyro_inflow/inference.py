@@ -19,14 +19,16 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, autoguide
 from pyro.infer.reparam import TransformReparam
-from tqdm.auto import tqdm
 
+from ._progress import tqdm
 from .distributions import InflationaryFlowPrior
 
 __all__ = ["reparam_flow_priors", "latent_nuts", "latent_svi", "posterior_samples"]
@@ -157,9 +159,11 @@ def latent_nuts(
     kernel = _RecordingNUTS(reparam_flow_priors(model), target_accept_prob=target_accept_prob,
                   max_tree_depth=max_tree_depth,
                   init_strategy=init_strategy or pyro.infer.autoguide.init_to_sample)
-    mcmc = MCMC(kernel, num_samples=num_samples,
-                warmup_steps=num_samples if warmup_steps is None else warmup_steps,
-                num_chains=num_chains, disable_progbar=not progress)
+    with warnings.catch_warnings():  # "Chains will be drawn sequentially": documented above
+        warnings.filterwarnings("ignore", message="num_chains=", category=UserWarning)
+        mcmc = MCMC(kernel, num_samples=num_samples,
+                    warmup_steps=num_samples if warmup_steps is None else warmup_steps,
+                    num_chains=num_chains, disable_progbar=not progress)
     mcmc.run(*args, **kwargs)
     return mcmc
 

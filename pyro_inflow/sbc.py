@@ -26,8 +26,8 @@ import pyro
 import torch
 from pyro import poutine
 from scipy import stats
-from tqdm.auto import tqdm
 
+from ._progress import tqdm
 from ._validation import check_positive_int
 from .inference import (
     _is_rewritten_site,

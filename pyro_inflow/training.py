@@ -44,9 +44,9 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from . import _io
+from ._progress import tqdm
 from ._validation import check_data, check_positive_int
 from .basis import EIGENVALUE_FLOOR, EigenBasis
 from .denoisers import PreconditionedDenoiser
