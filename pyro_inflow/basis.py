@@ -12,6 +12,21 @@ from ._validation import check_data
 
 __all__ = ["EigenBasis"]
 
+#: An eigenvector's sign is fixed by its first entry of at least this fraction of its largest.
+SIGN_PIVOT = 0.5
+
+
+def _signs(evecs: Tensor) -> Tensor:
+    """``+-1`` per column: the first entry with ``|w_j| >= SIGN_PIVOT max |w|`` is positive.
+
+    Not simply the largest entry: standardized 2-D data have eigenvectors at exactly 45 degrees,
+    whose two entries tie in magnitude, and which of them wins then changes with the sample
+    (two training seeds gave opposite latents). A tie at the threshold is far less likely.
+    """
+    mag = evecs.abs()
+    pivot = (mag >= SIGN_PIVOT * mag.amax(dim=0, keepdim=True)).int().argmax(dim=0)
+    return torch.sign(evecs[pivot, torch.arange(evecs.shape[1])])
+
 #: Eigenvalues below this fraction of the largest are raised to it (a documented floor).
 EIGENVALUE_FLOOR = 1e-6
 
@@ -20,8 +35,9 @@ class EigenBasis(nn.Module):
     r"""Affine map between data ``x`` and eigen-coordinates ``u``.
 
     ``cov(x) = scale^2 W diag(lam) W^T`` with ``lam`` descending and ``lam[0] == 1`` (one global
-    scale keeps the relative variances). Each column of ``W`` has its largest-magnitude entry
-    positive, which makes the basis unique for distinct eigenvalues.
+    scale keeps the relative variances). In each column of ``W`` the first entry of at least
+    half the column's largest magnitude is positive, which makes the basis unique for distinct
+    eigenvalues and stable under resampling (see ``_signs``).
 
     Eigenvalues below ``EIGENVALUE_FLOOR`` (``1e-6`` of the largest, i.e. a standard deviation
     of ``1e-3`` of the top direction) are raised to the floor with a warning, so a
@@ -89,9 +105,7 @@ class EigenBasis(nn.Module):
                 stacklevel=3,
             )
             lam = lam.clamp_min(EIGENVALUE_FLOOR)
-        pivot = evecs.abs().argmax(dim=0)
-        signs = torch.sign(evecs[pivot, torch.arange(evecs.shape[1])])
-        evecs = evecs * signs
+        evecs = evecs * _signs(evecs)
         return cls(
             mean.to(dtype),
             evecs.to(dtype),

@@ -43,12 +43,10 @@ def _say(msg: str) -> None:
 
 
 def _plot(path: Path, held: torch.Tensor, z: torch.Tensor, samples: torch.Tensor, cov: dict):
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 3, figsize=(13.5, 4.4), constrained_layout=True)
+    fig = Figure(figsize=(13.5, 4.4), constrained_layout=True)
+    ax = fig.subplots(1, 3)
     kw = {"s": 2, "alpha": 0.5, "linewidths": 0}
     ax[0].scatter(*held.T, color="C0", **kw)
     ax[0].set_title(f"held-out data ({len(held):,} points)")
@@ -70,16 +68,13 @@ def _plot(path: Path, held: torch.Tensor, z: torch.Tensor, samples: torch.Tensor
         a.set_ylim(ax[0].get_ylim())
     fig.suptitle("pyro-inflow demo: a PR-preserving inflationary flow on moons")
     _io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
 
 
 def _plot_posterior(path: Path, prior_x, nuts_x, svi_x) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(10.5, 4.6), constrained_layout=True, sharey=True)
+    fig = Figure(figsize=(10.5, 4.6), constrained_layout=True)
+    ax = fig.subplots(1, 2, sharey=True)
     for a, (x, name, color) in zip(ax, ((nuts_x, "NUTS in the latent", "C3"),
                                         (svi_x, "mean-field SVI (AutoNormal)", "C4"))):
         a.scatter(*prior_x.T, s=2, color="0.75", linewidths=0, label="prior draws")
@@ -92,7 +87,6 @@ def _plot_posterior(path: Path, prior_x, nuts_x, svi_x) -> None:
     fig.suptitle(f"posterior of x given y = x0 + x1 + N(0, {NOISE}^2) = {Y_OBS}, "
                  "prior: the trained flow")
     _io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
 
 
 def _quadrature_right_moon(flow: InflationaryFlow, n: int = 101) -> float:

@@ -485,11 +485,7 @@ def plot_sbc(results: Mapping[str, object] | Sequence[object], path=None, *,
         zero right of it; underconfidence as the reverse; a biased posterior as one sign.
     """
     import arviz as az
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # a pyplot figure: shown inline in notebooks
 
     if not isinstance(results, Mapping):
         results = {r.label: r for r in results}
@@ -542,19 +538,18 @@ def plot_calibration(report: dict, out_dir, x=None) -> list:
     Returns:
         The paths written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     from pathlib import Path
 
-    import matplotlib.pyplot as plt
+    import matplotlib
+    from matplotlib.figure import Figure  # files only: no pyplot state, no backend switch
 
     out_dir = Path(out_dir)
     cov = report["coverage"]
     levels = np.array(cov["levels"])
     written = []
 
-    fig, ax = plt.subplots(figsize=(5.2, 4.2), constrained_layout=True)
+    fig = Figure(figsize=(5.2, 4.2), constrained_layout=True)
+    ax = fig.subplots()
     ax.axhline(0, color="0.5", lw=1)
     ax.errorbar(levels, np.array(cov["coverage"]) - levels,
                 yerr=1.96 * np.array(cov["stderr"]), fmt="o-", capsize=3,
@@ -573,7 +568,8 @@ def plot_calibration(report: dict, out_dir, x=None) -> list:
     z = _numpy(report["z"])
     d = z.shape[1]
     ncols = 2 if d == 2 else 1 + min(d, 4)
-    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 4), constrained_layout=True)
+    fig = Figure(figsize=(4.2 * ncols, 4), constrained_layout=True)
+    axes = fig.subplots(1, ncols)
     r2 = (z**2).sum(1)
     grid = np.linspace(0, np.quantile(r2, 0.995), 200)
     axes[0].hist(r2, bins=60, density=True, alpha=0.6, range=(0, grid[-1]))
@@ -601,16 +597,17 @@ def plot_calibration(report: dict, out_dir, x=None) -> list:
         reg = report["regions"]
         x = _numpy(x)
         if x.shape[1] == 2:
-            fig, ax = plt.subplots(figsize=(5.4, 5), constrained_layout=True)
+            fig = Figure(figsize=(5.4, 5), constrained_layout=True)
+            ax = fig.subplots()
             ax.scatter(*x.T, s=2, alpha=0.4, color="0.5", linewidths=0)
             for k, (level, b) in enumerate(zip(levels, reg["boundaries"])):
                 bb = np.vstack([b, b[:1]])
-                ax.plot(*bb.T, color=plt.cm.viridis(k / len(levels)), lw=1.2,
+                ax.plot(*bb.T, color=matplotlib.colormaps["viridis"](k / len(levels)), lw=1.2,
                         label=f"{level:.0%}: {reg['inside'][k]:.1%} inside")
             ax.set(aspect="equal", title="decoded latent chi-square regions")
             ax.legend(fontsize=8, loc="lower right")
         else:
-            fig = plt.figure(figsize=(11, 5), constrained_layout=True)
+            fig = Figure(figsize=(11, 5), constrained_layout=True)
             count = reg["regions_containing"]
             for j, k in enumerate((0, 2)):  # the 50 % and 90 % regions, one panel each
                 ax = fig.add_subplot(1, 2, j + 1, projection="3d")
