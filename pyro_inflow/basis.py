@@ -71,10 +71,10 @@ class EigenBasis(nn.Module):
                              f"{tuple(lam.shape)}, {tuple(scale.shape)}")
         if not (bool((lam > 0).all()) and bool(scale > 0)):
             raise ValueError("EigenBasis: expected positive lam and scale")
-        self.register_buffer("mean", torch.as_tensor(mean))
-        self.register_buffer("W", torch.as_tensor(W))
-        self.register_buffer("lam", torch.as_tensor(lam))
-        self.register_buffer("scale", torch.as_tensor(scale))
+        self.register_buffer("mean", mean)
+        self.register_buffer("W", W)
+        self.register_buffer("lam", lam)
+        self.register_buffer("scale", scale)
 
     @property
     def dim(self) -> int:
