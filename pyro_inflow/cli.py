@@ -93,7 +93,7 @@ def cmd_train(a) -> None:
     settings = {k: v for k, v in {
         "schedule": a.schedule, "dims_to_keep": a.dims_to_keep, "seed": a.seed,
         "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "t_max": a.t_max,
-        "hidden": a.hidden, "depth": a.depth}.items() if v is not None}
+        "hidden": a.hidden, "depth": a.depth, "patience": a.patience}.items() if v is not None}
     ckpt = a.checkpoint or f"{a.out}.ckpt"
     rank, world = init_distributed()  # torchrun --nproc-per-node N: data-parallel training
     tic = time.perf_counter()
@@ -119,11 +119,16 @@ def cmd_train(a) -> None:
         Path(ckpt).unlink()
     h = flow.history
     flow.save(a.out, metadata={"trained_on": str(a.data), "settings": settings,
-                               "history": {k: v[-1:] for k, v in h.items()}})
+                               "history": {k: v[-1:] if isinstance(v, list) else v
+                                           for k, v in h.items()}})
     on = f" on {world} processes" if world > 1 else ""
+    stopped, val = "", h["val_loss"][-1]
+    if "best_step" in h:
+        stopped = f" (early stopping: the weights of step {h['best_step']})"
+        val = h["val_loss"][h["step"].index(h["best_step"])]
     print(f"trained a {flow.schedule.schedule.upper()} flow (D={flow.dim}, d={flow.latent_dim}) "
           f"in {time.perf_counter() - tic:.1f} s{on}, {h['samples_seen'][-1]:,} samples seen, "
-          f"validation loss {h['val_loss'][-1]:.4f}; wrote {a.out}")
+          f"validation loss {val:.4f}{stopped}; wrote {a.out}")
 
 
 def cmd_encode(a) -> None:
@@ -245,6 +250,9 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--t-max", type=float, default=None)
     t.add_argument("--hidden", type=int, default=None)
     t.add_argument("--depth", type=int, default=None)
+    t.add_argument("--patience", type=int, default=None, metavar="N",
+                   help="early stopping: stop after N validation checks without improvement "
+                        "and keep the best weights (for data sets of a few thousand points)")
     t.add_argument("--checkpoint", default=None,
                    help="resumable checkpoint file (default FLOW.ckpt, removed on success)")
     t.add_argument("--checkpoint-every", type=int, default=1000)

@@ -230,6 +230,20 @@ class InflationaryFlow(nn.Module):
         """``log |det dx/dw(0)|`` of ``x = mu + scale W sqrt(sigma(0)) w(0)``."""
         return torch.log(self._sigma0_root()).sum() - self.basis.log_abs_det()
 
+    def add_t0_noise(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """A draw from the flow's ``t = 0`` marginal around data ``x``: ``(*, D) -> (*, D)``.
+
+        Adds ``N(0, gamma0)`` noise in the scaled eigen-coordinates (``scale * sqrt(gamma0)``
+        in data units, the same in every direction). The flow transports the data convolved
+        with this noise, not the data itself, so calibration checks should encode noised
+        held-out points. It matters where some direction's variance is close to ``gamma0``
+        (e.g. dequantized pixels, whose smallest eigenvalue is near ``5e-4``): there clean
+        points encode too close to the origin, with variance ``lam / (lam + gamma0)``.
+        """
+        x = self._check(x, "x", self.dim)
+        sd = self.basis.scale * math.sqrt(self.schedule.gamma0)
+        return x + sd * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
     def sample(
         self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None,
         fill: str = "zeros", **solver,

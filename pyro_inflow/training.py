@@ -98,12 +98,16 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     validation_fraction: float = 0.1
     eval_every: int = 250
+    #: early stopping: end when the validation loss (every ``eval_every`` steps) has not
+    #: improved for this many evaluations, and return the EMA weights of its best; for small
+    #: data sets (a few thousand points), where long training overfits
+    patience: int | None = None
     seed: int = 0
 
     # settings that must agree between a checkpoint and the run that resumes it
     _FROZEN = ("schedule", "dims_to_keep", "inflation_gap", "gamma0", "rho", "A0", "t_max",
                "network", "hidden", "depth", "batch_size", "lr", "warmup", "signal_fraction",
-               "ema_decay", "max_grad_norm", "validation_fraction", "seed")
+               "ema_decay", "max_grad_norm", "validation_fraction", "patience", "seed")
 
 
 def _fingerprint(x: Tensor) -> str:
@@ -275,6 +279,11 @@ def fit(
     if not 0 <= cfg.validation_fraction < 0.5:
         raise ValueError(f"validation_fraction: expected a number in [0, 0.5), "
                          f"got {cfg.validation_fraction}")
+    if cfg.patience is not None:
+        check_positive_int(cfg.patience, "patience")
+        if cfg.validation_fraction == 0:
+            raise ValueError("patience: early stopping watches the validation loss; keep "
+                             "validation_fraction > 0")
     x = check_data(data, "data", dtype=torch.float64)
     if x.shape[0] < x.shape[1] + 2:
         raise ValueError(f"data: expected at least D + 2 = {x.shape[1] + 2} points to estimate "
@@ -315,14 +324,15 @@ def fit(
     ema.requires_grad_(False)
     opt = torch.optim.Adam(model.network.parameters(), lr=cfg.lr)
     history = {"step": [], "train_loss": [], "val_loss": [], "samples_seen": [], "wall_s": []}
-    start, wall0 = 0, 0.0
+    start, wall0, best = 0, 0.0, {"ema": None}
     if resume is not None:
-        start, wall0, history = _restore(resume, cfg, fp, model, ema, opt, gen)
+        start, wall0, history, best["ema"] = _restore(resume, cfg, fp, model, ema, opt, gen)
     val = _validation_set(u_val, sched, cfg.seed, device) if len(val_idx) else None
 
     def save(step: int, wall: float) -> None:
         if rank == 0:
-            _save(checkpoint, cfg, fp, basis, model, ema, opt, gen, step, wall, history)
+            _save(checkpoint, cfg, fp, basis, model, ema, opt, gen, step, wall, history,
+                  best["ema"])
 
     net = model.network
     if world > 1:
@@ -336,7 +346,8 @@ def fit(
 
     try:
         _loop(cfg, model, net, ema, opt, gen, u_train, val, history, start, wall0,
-              progress and rank == 0, save, checkpoint_every if checkpoint else None, rank, world)
+              progress and rank == 0, save, checkpoint_every if checkpoint else None, rank, world,
+              best)
     except _Diverged as e:
         kept = f"; they are also in the checkpoint {checkpoint}" if checkpoint else ""
         raise TrainingDiverged(
@@ -344,7 +355,29 @@ def fit(
             f"{e.loss:.4g}); stopped before that step and kept the last good weights (after "
             f"step {e.step}) in this error's .flow{kept}; lower lr (now {cfg.lr:g}) or check "
             f"the data", result(), e.step) from None
+    vals = history["val_loss"]
+    if vals and cfg.patience is not None and best["ema"] is not None:
+        ema.load_state_dict(best["ema"])  # the weights of the best validation loss
+        history["best_step"] = history["step"][_argmin(vals)]
+    elif vals and rank == 0 and vals[-1] > 1.01 * min(vals):
+        i = _argmin(vals)
+        warnings.warn(
+            f"fit: the validation loss rose from {vals[i]:.4g} at step {history['step'][i]} to "
+            f"{vals[-1]:.4g} at the end: the network is overfitting its {len(train_idx)} "
+            f"training points, and the flow will be overconfident on new data; pass "
+            f"patience=4 (early stopping, keeps the best weights) or fewer steps",
+            stacklevel=2)
     return result()
+
+
+def _argmin(values: list[float]) -> int:
+    return min(range(len(values)), key=values.__getitem__)
+
+
+def _exhausted(history: dict, patience: int | None) -> bool:
+    """Whether early stopping has ended the run: ``patience`` evaluations without a new best."""
+    vals = history["val_loss"]
+    return patience is not None and bool(vals) and len(vals) - 1 - _argmin(vals) >= patience
 
 
 class _StopFlag:
@@ -368,7 +401,7 @@ class _StopFlag:
 
 
 def _loop(cfg, model, net, ema, opt, gen, u_train, val, history, start, wall0, progress, save,
-          checkpoint_every, rank, world):
+          checkpoint_every, rank, world, best):
     n = u_train.shape[0]
     times = (model.schedule.t_max, _signal_time(model.schedule, model.lam))
     share = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
@@ -378,6 +411,9 @@ def _loop(cfg, model, net, ema, opt, gen, u_train, val, history, start, wall0, p
                unit="step", dynamic_ncols=True, leave=False,
                mininterval=0.2 if sys.stderr.isatty() else 15.0)
     tic, running, since, step = time.perf_counter(), 0.0, 0, start
+    if _exhausted(history, cfg.patience):
+        bar.close()
+        return
     with _StopFlag() as stop:
         try:
             for step in range(start, cfg.steps):
@@ -392,9 +428,18 @@ def _loop(cfg, model, net, ema, opt, gen, u_train, val, history, start, wall0, p
                     _log(cfg, history, done, _mean_over_ranks(running / since, world),
                          _val_loss(ema, val), wall, since, wall0, bar)
                     running, since = 0.0, 0
-                if checkpoint_every and (done % checkpoint_every == 0 or done == cfg.steps):
+                    if cfg.patience is not None:
+                        vals = history["val_loss"]  # the same on every rank
+                        if _argmin(vals) == len(vals) - 1:
+                            best["ema"] = {k: v.detach().cpu().clone()
+                                           for k, v in ema.state_dict().items()}
+                stop_early = _exhausted(history, cfg.patience)
+                if checkpoint_every and (done % checkpoint_every == 0 or done == cfg.steps
+                                         or stop_early):
                     save(done, wall0 + time.perf_counter() - tic)
                 bar.update(1)
+                if stop_early:
+                    break
         except (KeyboardInterrupt, _Diverged):
             bar.close()
             if checkpoint_every:  # `step` steps are complete: the state is whole
@@ -468,7 +513,7 @@ def _val_loss(ema: PreconditionedDenoiser, val) -> float:
                             for i in range(0, u.shape[0], 4096)]).mean())
 
 
-def _save(path, cfg, fp, basis, model, ema, opt, gen, step, wall, history) -> None:
+def _save(path, cfg, fp, basis, model, ema, opt, gen, step, wall, history, best_ema) -> None:
     _io.save_payload(path, "checkpoint", {
         "config": asdict(cfg),
         "data_fingerprint": fp,
@@ -481,6 +526,7 @@ def _save(path, cfg, fp, basis, model, ema, opt, gen, step, wall, history) -> No
         "step": step,
         "wall_s": wall,
         "history": history,
+        "best_ema": best_ema,
     })
 
 
@@ -502,6 +548,7 @@ def _restore(path, cfg, fp, model, ema, opt, gen):
         ema.load_state_dict(record["ema"])
         opt.load_state_dict(record["optimizer"])
         gen.set_state(record["generator"])
-        return int(record["step"]), float(record["wall_s"]), record["history"]
+        return (int(record["step"]), float(record["wall_s"]), record["history"],
+                record.get("best_ema"))
     except (KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"resume: corrupt checkpoint {path} ({type(e).__name__}: {e})") from e

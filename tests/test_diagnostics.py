@@ -11,6 +11,7 @@ import torch
 import pyro_inflow as pif
 from pyro_inflow.diagnostics import (
     _icosphere,
+    calibration_table,
     credible_regions,
     identifiability,
     latent_coverage,
@@ -171,3 +172,28 @@ def test_mcse_mean_knows_autocorrelation():
     assert se == pytest.approx(1 / np.sqrt(ess), rel=0.1)
     with pytest.raises(ValueError, match="values: expected shape"):
         mcse_mean(np.zeros(10))
+
+
+def test_calibration_checks_the_t0_marginal_the_flow_transports():
+    """A direction with variance close to gamma0 (as for dequantized pixels): the exact flow
+    whitens data + N(0, gamma0), so clean points have latent variance lam / (lam + gamma0)
+    there, and only noised points are N(0, I)."""
+    lam = torch.tensor([1.0, 0.3, 5e-4], dtype=torch.float64)
+    flow = pif.InflationaryFlow.from_gaussian_mixture(
+        torch.ones(1, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64),
+        torch.diag(lam).unsqueeze(0), schedule="prp")
+    g0 = flow.schedule.gamma0
+    x = torch.randn(4000, 3, generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64) * lam.sqrt()
+    noised = flow.add_t0_noise(x, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose((noised - x).std(0), torch.full((3,), g0**0.5, dtype=x.dtype),
+                          rtol=0.05)
+    clean = pif.flow_calibration(flow, x, noise=False, regions=False)
+    right = pif.flow_calibration(flow, x, regions=False)
+    assert right["noise"] and not clean["noise"]
+    var_clean, var_right = clean["z"].var(0), right["z"].var(0)
+    assert abs(var_clean[2] - 5e-4 / (5e-4 + g0)) < 0.05  # half the variance: ~0.5
+    assert torch.allclose(var_right, torch.ones(3, dtype=x.dtype), atol=0.06)
+    assert right["coverage"]["verdict"] == "calibrated"
+    assert clean["coverage"]["verdict"] == "over-covers"
+    assert "plus the flow's t = 0 noise" in calibration_table(right)

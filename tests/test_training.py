@@ -75,6 +75,63 @@ def test_resume_continues_to_the_same_result(tmp_path, monkeypatch):
         InflationaryFlow.fit(x[:2000], **settings, resume=ckpt)
 
 
+TINY = {"steps": 600, "batch_size": 64, "hidden": 64, "depth": 2, "eval_every": 25,
+        "validation_fraction": 0.25, "progress": False}
+
+
+def test_early_stopping_returns_the_weights_of_the_best_validation_loss(monkeypatch, tmp_path):
+    """30 training points overfit within a few hundred steps: the validation loss turns up."""
+    x = datasets.load("moons", n=40, seed=0)
+    with pytest.warns(UserWarning, match="validation loss rose .* pass patience"):
+        plain = InflationaryFlow.fit(x, **TINY)
+    assert len(plain.history["val_loss"]) == 24
+    seen = []
+    real = training._val_loss
+
+    def record(ema, val):
+        loss = real(ema, val)
+        seen.append((loss, {k: v.clone() for k, v in ema.state_dict().items()}))
+        return loss
+
+    monkeypatch.setattr(training, "_val_loss", record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # early stopping: no overfitting warning
+        flow = InflationaryFlow.fit(x, **TINY, patience=3)
+    vals = flow.history["val_loss"]
+    assert vals == [loss for loss, _ in seen]
+    best = min(range(len(vals)), key=vals.__getitem__)
+    assert len(vals) == best + 4 < 24  # stopped three evaluations after the best
+    assert flow.history["best_step"] == flow.history["step"][best]
+    weights = flow.denoiser.state_dict()
+    assert all(torch.equal(weights[k], seen[best][1][k]) for k in weights)
+    assert not torch.equal(weights["network.out.weight"], seen[-1][1]["network.out.weight"])
+    monkeypatch.setattr(training, "_val_loss", real)
+
+    # interrupted before the stop and resumed: the same stop, the same weights
+    ckpt = tmp_path / "run.ckpt"
+    real_lr = training._lr_at
+
+    def interrupt(step, cfg):
+        if step == flow.history["step"][-1] - 30:
+            raise KeyboardInterrupt
+        return real_lr(step, cfg)
+
+    monkeypatch.setattr(training, "_lr_at", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        InflationaryFlow.fit(x, **TINY, patience=3, checkpoint=ckpt, checkpoint_every=1000)
+    monkeypatch.setattr(training, "_lr_at", real_lr)
+    resumed = InflationaryFlow.fit(x, **TINY, patience=3, resume=ckpt, checkpoint=ckpt)
+    again = resumed.denoiser.state_dict()
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert resumed.history["step"] == flow.history["step"]
+    # a run that has stopped stays stopped when resumed
+    done = InflationaryFlow.fit(x, **TINY, patience=3, resume=ckpt)
+    assert done.history["step"] == flow.history["step"]
+    assert all(torch.equal(weights[k], v) for k, v in done.denoiser.state_dict().items())
+    with pytest.raises(ValueError, match="patience: early stopping watches the validation"):
+        InflationaryFlow.fit(x, **{**TINY, "validation_fraction": 0}, patience=3)
+
+
 @pytest.mark.parametrize(
     "data, kwargs, err, match",
     [
