@@ -17,6 +17,7 @@ from .diagnostics import (
     credible_regions,
     flow_calibration,
     identifiability,
+    interval_coverage,
     latent_coverage,
     plot_sbc,
     roundtrip_error,
@@ -25,6 +26,7 @@ from .diagnostics import (
 from .distributions import InflationaryFlowPrior
 from .flow import InflationaryFlow
 from .inference import latent_nuts, latent_svi, posterior_samples, reparam_flow_priors
+from .inverse import corrupt, inpainting_model
 from .ode import SolverError
 from .sbc import SBCResult, simulation_based_calibration
 from .schedule import InflationSchedule
@@ -56,6 +58,9 @@ __all__ = [
     "credible_regions",
     "flow_calibration",
     "identifiability",
+    "interval_coverage",
+    "corrupt",
+    "inpainting_model",
     "to_inference_data",
     "simulation_based_calibration",
     "SBCResult",

@@ -30,6 +30,7 @@ __all__ = [
     "credible_regions",
     "flow_calibration",
     "identifiability",
+    "interval_coverage",
     "to_inference_data",
     "summary",
     "plot_sbc",
@@ -302,6 +303,35 @@ def flow_calibration(flow, x, levels: Sequence[float] = LEVELS, *, regions: bool
     if regions and not prr and flow.dim in (2, 3):
         report["regions"] = credible_regions(flow, x, levels, **solver)
     return report
+
+
+def interval_coverage(draws, truth, level: float = 0.9) -> dict:
+    """How often central posterior intervals contain the true values.
+
+    Args:
+        draws: posterior draws ``(S, *shape)``, e.g. ``(S, K, D)`` pixels of ``K`` images.
+        truth: the true values ``(*shape)``.
+        level: probability of the central interval, between the ``(1 - level) / 2`` and
+            ``(1 + level) / 2`` quantiles of the draws of each value.
+
+    Returns:
+        ``{"level", "inside", "coverage", "stderr", "width"}``: ``inside`` is a boolean array
+        ``(*shape)``, ``coverage`` its mean with the binomial standard error (independent
+        values assumed), ``width`` the mean interval width. A calibrated posterior covers
+        about ``level``; an overconfident one (e.g. mean-field VI) less.
+    """
+    d, t = _numpy(draws).astype(np.float64), _numpy(truth).astype(np.float64)
+    if d.ndim < 1 or d.shape[1:] != t.shape or d.shape[0] < 2:
+        raise ValueError(f"interval_coverage: expected draws (S >= 2, *shape) and truth "
+                         f"(*shape), got {d.shape} and {t.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level: expected a probability in (0, 1), got {level!r}")
+    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    inside = (t >= lo) & (t <= hi)
+    n = max(inside.size, 1)
+    cov = float(inside.mean())
+    return {"level": level, "inside": inside, "coverage": cov,
+            "stderr": float(np.sqrt(cov * (1 - cov) / n)), "width": float((hi - lo).mean())}
 
 
 def identifiability(flow_a, flow_b, x, **solver) -> dict:
