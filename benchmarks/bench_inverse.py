@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 
 def scores(draws: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> dict:
     out = {"rmse_posterior_mean": float((draws.mean(0) - truth).square().mean().sqrt())}
-    observed = _numpy(mask)
+    observed = mask.cpu().numpy().astype(bool)
     for level in (0.5, 0.9):
         c = pif.interval_coverage(draws, truth, level)
         key = f"{round(100 * level)}"
