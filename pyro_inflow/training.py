@@ -422,7 +422,7 @@ def _loop(cfg, model, net, ema, opt, gen, u_train, val, history, start, wall0, p
                 loss = _step(cfg, step, model, net, opt, params, ema_params, gen, u_train, n,
                              times, share)
                 running, since = running + loss, since + 1
-                done = step + 1
+                done, stop_early = step + 1, False
                 if done % cfg.eval_every == 0 or done == cfg.steps:
                     wall = wall0 + time.perf_counter() - tic
                     _log(cfg, history, done, _mean_over_ranks(running / since, world),
@@ -433,7 +433,7 @@ def _loop(cfg, model, net, ema, opt, gen, u_train, val, history, start, wall0, p
                         if _argmin(vals) == len(vals) - 1:
                             best["ema"] = {k: v.detach().cpu().clone()
                                            for k, v in ema.state_dict().items()}
-                stop_early = _exhausted(history, cfg.patience)
+                        stop_early = _exhausted(history, cfg.patience)  # changes only here
                 if checkpoint_every and (done % checkpoint_every == 0 or done == cfg.steps
                                          or stop_early):
                     save(done, wall0 + time.perf_counter() - tic)
