@@ -216,10 +216,20 @@ class PreconditionedDenoiser(nn.Module):
         c_noise = c_noise.expand(ut.shape[:-1])
         return c_skip * ut + c_out * self.network(c_in * ut, c_noise)
 
-    def network_at(self, w: Tensor, t: Tensor) -> Tensor:
-        """``F(w, c_noise(t))`` ``(*, D)`` on the standardized input ``w = c_in ut``."""
-        t = _as_time(t, self.lam)
-        return self.network(w, (t / self.schedule.t_max).expand(w.shape[:-1]))
+    def time_features(self, t: Tensor) -> tuple[Tensor, ...]:
+        """What ``F`` needs of the times ``t`` ``(*t)`` alone: the network's
+        ``time_features(c_noise)``, or ``(c_noise,)`` for a network without them."""
+        c_noise = _as_time(t, self.lam) / self.schedule.t_max
+        if hasattr(self.network, "time_features"):
+            return self.network.time_features(c_noise)
+        return (c_noise,)
+
+    def network_at(self, w: Tensor, features: tuple[Tensor, ...]) -> Tensor:
+        """``F(w, c_noise)`` ``(*, D)`` on the standardized input ``w = c_in ut``, from
+        :meth:`time_features` of one time (broadcast over the points)."""
+        if hasattr(self.network, "forward_features"):
+            return self.network.forward_features(w, features)
+        return self.network(w, features[0].expand(w.shape[:-1]))
 
     def loss(self, u: Tensor, t: Tensor, eps: Tensor, network: nn.Module | None = None) -> Tensor:
         r"""Denoising score-matching loss ``sum_i (Dn_i - u_i)^2 / c_out_i^2``, shape ``(B,)``.

@@ -3,6 +3,11 @@
 Both map inputs ``(*, D)`` and noise levels ``(*)`` (``c_noise = t / t_max`` in ``[0, 1]``) to
 ``(*, D)``. The last layer starts at zero, so an untrained denoiser is the exact Gaussian one
 and an untrained flow is PCA whitening.
+
+Each splits its work in two: ``time_features(c)`` is everything that depends on the noise level
+alone, and ``forward_features(x, features)`` the rest, with ``forward(x, c) =
+forward_features(x, time_features(c))``. The ODE solvers compute the time features once per
+time (not once per point), and ``warped_rk4`` once per solve for its whole grid.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class MLP(nn.Module):
         super().__init__()
         self._config = {"type": "mlp", "dim": dim, "hidden": hidden, "depth": depth,
                         "num_frequencies": num_frequencies}
+        self.dim = dim
         self.embed = TimeEmbedding(num_frequencies)
         layers: list[nn.Module] = []
         width = dim + self.embed.dim
@@ -53,8 +59,18 @@ class MLP(nn.Module):
         nn.init.zeros_(out.bias)
         self.net = nn.Sequential(*layers, out)
 
+    def time_features(self, c_noise: Tensor) -> tuple[Tensor]:
+        """The first layer's time part plus its bias, ``(*c, hidden)``."""
+        first = self.net[0]
+        return (nn.functional.linear(self.embed(c_noise), first.weight[:, self.dim:], first.bias),)
+
+    def forward_features(self, x: Tensor, features: tuple[Tensor]) -> Tensor:
+        """``F`` at ``x`` ``(*, D)`` with time features broadcastable to ``(*, hidden)``."""
+        h = nn.functional.linear(x, self.net[0].weight[:, : self.dim]) + features[0]
+        return self.net[1:](h)
+
     def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
-        return self.net(torch.cat([x, self.embed(c_noise)], dim=-1))
+        return self.forward_features(x, self.time_features(c_noise))
 
     def config(self) -> dict:
         return dict(self._config)
@@ -85,12 +101,21 @@ class ResidualMLP(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    def time_features(self, c_noise: Tensor) -> tuple[Tensor, ...]:
+        """The shared embedding and each block's time term, each ``(*c, hidden)``."""
+        temb = nn.functional.silu(self.time(self.embed(c_noise)))
+        return (temb, *(emb(temb) for _, _, emb in self.blocks))
+
+    def forward_features(self, x: Tensor, features: tuple[Tensor, ...]) -> Tensor:
+        """``F`` at ``x`` ``(*, D)`` with time features broadcastable to ``(*, hidden)``."""
+        silu = nn.functional.silu
+        h = self.inp(x) + features[0]
+        for (lin1, lin2, _), temb in zip(self.blocks, features[1:]):
+            h = h + lin2(silu(lin1(silu(h)) + temb))
+        return self.out(silu(h))
+
     def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
-        temb = torch.nn.functional.silu(self.time(self.embed(c_noise)))
-        h = self.inp(x) + temb
-        for lin1, lin2, emb in self.blocks:
-            h = h + lin2(torch.nn.functional.silu(lin1(torch.nn.functional.silu(h)) + emb(temb)))
-        return self.out(torch.nn.functional.silu(h))
+        return self.forward_features(x, self.time_features(c_noise))
 
     def config(self) -> dict:
         return dict(self._config)

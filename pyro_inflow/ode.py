@@ -111,28 +111,39 @@ class ProbabilityFlow(nn.Module):
         """``lam + gamma(t)``, shape ``(*t, D)``."""
         return self.lam + self.schedule.gamma(t)
 
-    def forward(self, t: Tensor, w: Tensor) -> Tensor:
-        """``dw/dt`` for ``w`` of shape ``(*, D)`` at scalar ``t``."""
+    def time_state(self, t: Tensor) -> tuple[Tensor, ...] | None:
+        """What ``f(t, .)`` needs of the times ``t`` ``(*t)`` alone, so that it is computed once
+        per time rather than once per point (and by ``warped_rk4`` once per solve): for a
+        learned denoiser, the coefficient ``(*t, D)`` followed by the network's time features
+        ``(*t, ...)``; ``None`` for the exact denoisers."""
+        if not isinstance(self.denoiser, PreconditionedDenoiser):
+            return None
+        gamma = self.schedule.gamma(t)
+        coef = (0.5 * self.schedule.rate) * torch.sqrt(self.lam * gamma) / (self.lam + gamma)
+        return (coef, *self.denoiser.time_features(t))
+
+    def forward(self, t: Tensor, w: Tensor, state: tuple[Tensor, ...] | None = None) -> Tensor:
+        """``dw/dt`` for ``w`` of shape ``(*, D)`` at scalar ``t``; ``state`` is
+        :meth:`time_state` of ``t``, computed here when not given."""
         if isinstance(self.denoiser, PreconditionedDenoiser):
             # c_skip ut - Dn = -c_out F(c_in ut, c_noise) and c_in ut = w: one network call,
             # no cancellation between c_skip ut and Dn
-            gamma = self.schedule.gamma(t)
-            coef = (0.5 * self.schedule.rate) * torch.sqrt(self.lam * gamma) / (self.lam + gamma)
-            return -coef * self.denoiser.network_at(w, t)
+            state = self.time_state(t) if state is None else state
+            return -state[0] * self.denoiser.network_at(w, state[1:])
         sigma = self.sigma(t)
         root = torch.sqrt(sigma)
         ut = w * root
         resid = (self.lam / sigma) * ut - self.denoiser(ut, t)
         return (0.5 * self.schedule.rate) / root * resid
 
-    def with_divergence(self, t: Tensor, w: Tensor, probes: Tensor,
-                        weight: float) -> tuple[Tensor, Tensor]:
+    def with_divergence(self, t: Tensor, w: Tensor, probes: Tensor, weight: float,
+                        state: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor]:
         """``f(t, w)`` ``(*, D)`` and ``weight * sum_p eps_p^T J eps_p`` ``(*)``.
 
         With the ``D`` basis vectors as ``probes`` and ``weight = 1`` this is the exact trace;
         with ``P`` Rademacher probes and ``weight = 1 / P``, the Hutchinson estimate.
         """
-        f, pullback = vjp(lambda w_: self.forward(t, w_), w)
+        f, pullback = vjp(lambda w_: self.forward(t, w_, state), w)
         vjps = vmap(lambda v: pullback(v)[0])(probes)  # (P, *, D)
         return f, weight * (vjps * probes).sum(-1).sum(0)
 
@@ -144,8 +155,8 @@ class _Augmented(nn.Module):
         super().__init__()
         self.field, self.probes, self.weight = field, probes, weight
 
-    def forward(self, t: Tensor, y: Tensor) -> Tensor:
-        f, div = self.field.with_divergence(t, y[..., :-1], self.probes, self.weight)
+    def forward(self, t: Tensor, y: Tensor, state: tuple[Tensor, ...] | None = None) -> Tensor:
+        f, div = self.field.with_divergence(t, y[..., :-1], self.probes, self.weight, state)
         return torch.cat([f, div.unsqueeze(-1)], dim=-1)
 
 
@@ -160,10 +171,10 @@ class _Counted(nn.Module):
         self.first_bad = torch.full((), math.nan, dtype=like.dtype, device=like.device)
         self._first_bad_nfe = torch.zeros((), dtype=torch.long, device=like.device)
 
-    def forward(self, t: Tensor, y: Tensor) -> Tensor:
+    def forward(self, t: Tensor, y: Tensor, state: tuple[Tensor, ...] | None = None) -> Tensor:
         self.nfe += 1
         self.last_t = t
-        dy = self.func(t, y)
+        dy = self.func(t, y) if state is None else self.func(t, y, state)
         # recorded on the device, without a host sync per evaluation
         # (the solver's initial step selection may probe times outside the span: ignored)
         t = t.detach()
@@ -239,6 +250,8 @@ def _warped_rk4(func: nn.Module, y0: Tensor, field: ProbabilityFlow, t0: float, 
     ``b = (1/6, 1/3, 1/3, 0, 1/6)`` (the fourth stage replaced by the end-point slope) costs one
     extra evaluation per solve; ``h/6 |k4 - k5|`` summed over steps estimates the global error.
     The same grid serves both directions, so encode and decode are inverse to that error.
+    Everything that depends on time alone (:meth:`ProbabilityFlow.time_state`) is computed for
+    all stages at once, before the first step.
 
     Returns:
         ``y1`` and the error estimate ``(*)`` per point (RMS over the state).
@@ -246,16 +259,22 @@ def _warped_rk4(func: nn.Module, y0: Tensor, field: ProbabilityFlow, t0: float, 
     times, scale = field.warped_grid(num_steps, y0)
     if t0 > t1:
         times, scale = times.flip(0, 1), -scale.flip(0, 1)
+    state = field.time_state(times)  # each (N, 3, ...)
+    if state is None:
+        stages = [None] * (3 * num_steps)
+    else:
+        rows = [part.flatten(0, 1).unbind(0) for part in state]
+        stages = list(zip(*rows))
     h = 1.0 / num_steps
     y, err = y0, torch.zeros_like(y0)
-    k1 = func(times[0, 0], y) * scale[0, 0]
+    k1 = func(times[0, 0], y, stages[0]) * scale[0, 0]
     for n in range(num_steps):
-        t, c = times[n], scale[n]
-        k2 = func(t[1], y + 0.5 * h * k1) * c[1]
-        k3 = func(t[1], y + 0.5 * h * k2) * c[1]
-        k4 = func(t[2], y + h * k3) * c[2]
+        t, c, st = times[n], scale[n], stages[3 * n : 3 * n + 3]
+        k2 = func(t[1], y + 0.5 * h * k1, st[1]) * c[1]
+        k3 = func(t[1], y + 0.5 * h * k2, st[1]) * c[1]
+        k4 = func(t[2], y + h * k3, st[2]) * c[2]
         y = y + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
-        k5 = func(t[2], y) * c[2]
+        k5 = func(t[2], y, st[2]) * c[2]
         err = err + (h / 6) * (k4 - k5).detach().abs()
         k1 = k5
     return y, err.square().mean(-1).sqrt()

@@ -69,3 +69,23 @@ def test_preconditioned_loss_is_the_weighted_denoising_error():
     _, c_out, _, _ = den.preconditioning(t)
     direct = ((den(ut, t) - u) / c_out).square().sum(-1)
     assert torch.allclose(den.loss(u, t, eps), direct, rtol=1e-9)
+
+
+def test_networks_split_time_features_from_the_state_pathway_exactly():
+    """``forward(x, c) == forward_features(x, time_features(c))``, the split equals the plain
+    formulas, and features of one time broadcast over the points."""
+    silu = torch.nn.functional.silu
+    x, c = torch.randn(9, 3, dtype=torch.float64), torch.rand(9, dtype=torch.float64)
+    mlp, res = MLP(3).double(), ResidualMLP(3, hidden=16, depth=2).double()
+    for net in (mlp, res):
+        torch.nn.init.normal_(net.net[-1].weight if net is mlp else net.out.weight)
+    plain_mlp = mlp.net(torch.cat([x, mlp.embed(c)], dim=-1))
+    h = res.inp(x) + silu(res.time(res.embed(c)))
+    for lin1, lin2, emb in res.blocks:
+        h = h + lin2(silu(lin1(silu(h)) + emb(silu(res.time(res.embed(c))))))
+    plain_res = res.out(silu(h))
+    for net, plain in ((mlp, plain_mlp), (res, plain_res)):
+        assert plain.abs().max() > 1e-3  # not the zero-initialized output
+        assert torch.allclose(net(x, c), plain, atol=1e-12)
+        one = net.forward_features(x, net.time_features(c[0]))
+        assert torch.allclose(one, net(x, c[0].expand(9)), atol=1e-12)
