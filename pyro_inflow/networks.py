@@ -25,7 +25,7 @@ class TimeEmbedding(nn.Module):
 
     freqs: Tensor
 
-    def __init__(self, num_frequencies: int = 6) -> None:
+    def __init__(self, num_frequencies: int = 3) -> None:
         super().__init__()
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(num_frequencies))
         self.dim = 2 * num_frequencies + 1
@@ -40,10 +40,11 @@ class MLP(nn.Module):
 
     Args:
         dim: data dimension ``D``. hidden: width. depth: number of hidden layers.
-        num_frequencies: Fourier frequencies of the time embedding.
+        num_frequencies: Fourier frequencies of the time embedding (3: the field stays smooth
+            in time, so ODE solvers take long steps; see ``TrainConfig.num_frequencies``).
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, num_frequencies: int = 6):
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, num_frequencies: int = 3):
         super().__init__()
         self._config = {"type": "mlp", "dim": dim, "hidden": hidden, "depth": depth,
                         "num_frequencies": num_frequencies}
@@ -81,10 +82,11 @@ class ResidualMLP(nn.Module):
 
     Args:
         dim: data dimension ``D``. hidden: width. depth: number of residual blocks.
-        num_frequencies: Fourier frequencies of the time embedding.
+        num_frequencies: Fourier frequencies of the time embedding (3: the field stays smooth
+            in time, so ODE solvers take long steps; see ``TrainConfig.num_frequencies``).
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, num_frequencies: int = 6):
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, num_frequencies: int = 3):
         super().__init__()
         self._config = {"type": "residual_mlp", "dim": dim, "hidden": hidden, "depth": depth,
                         "num_frequencies": num_frequencies}

@@ -93,6 +93,10 @@ class TrainConfig:
     network: str = "residual_mlp"
     hidden: int = 128
     depth: int = 3
+    #: Fourier frequencies of the network's time embedding (``pi 2^k t / T``, ``k < n``):
+    #: 3 keeps the learned field smooth in ``t``, so the solvers take long steps
+    #: (``benchmarks/bench_solvers.py``; 6 made the one-way error of 12 RK4 steps 4-8x larger)
+    num_frequencies: int = 3
     steps: int = 4000
     batch_size: int = 512
     lr: float = 2e-3
@@ -110,8 +114,9 @@ class TrainConfig:
 
     # settings that must agree between a checkpoint and the run that resumes it
     _FROZEN = ("schedule", "dims_to_keep", "inflation_gap", "gamma0", "rho", "A0", "t_max",
-               "network", "hidden", "depth", "batch_size", "lr", "warmup", "signal_fraction",
-               "ema_decay", "max_grad_norm", "validation_fraction", "patience", "seed")
+               "network", "hidden", "depth", "num_frequencies", "batch_size", "lr", "warmup",
+               "signal_fraction", "ema_decay", "max_grad_norm", "validation_fraction",
+               "patience", "seed")
 
 
 def _fingerprint(x: Tensor) -> str:
@@ -267,7 +272,7 @@ def fit(
     if unknown:
         raise TypeError(f"fit: unexpected setting(s) {unknown}; see pyro_inflow.TrainConfig")
     cfg = TrainConfig(**settings)
-    for name in ("steps", "batch_size", "eval_every"):
+    for name in ("steps", "batch_size", "eval_every", "hidden", "depth", "num_frequencies"):
         check_positive_int(getattr(cfg, name), name)
     check_positive_int(checkpoint_every, "checkpoint_every")
     for name in ("lr", "max_grad_norm", "gamma0", "rho", "A0"):
@@ -318,7 +323,8 @@ def fit(
         torch.manual_seed(cfg.seed)
         torch.set_default_dtype(torch.float32)
         try:
-            net = build_network(cfg.network, dim=x.shape[1], hidden=cfg.hidden, depth=cfg.depth)
+            net = build_network(cfg.network, dim=x.shape[1], hidden=cfg.hidden, depth=cfg.depth,
+                                num_frequencies=cfg.num_frequencies)
         finally:
             torch.set_default_dtype(default_dtype)
     model = PreconditionedDenoiser(sched, basis.lam.clone(), net.to(dtype)).to(device)
