@@ -45,11 +45,11 @@ WARPED_STEPS = 12
 WARP_POWER = 0.5
 #: Smallest variance, relative to ``lam_i``, at which the warp expects structure: the angle
 #: speed is averaged over variances ``c lam_i`` for ``c`` log-uniform in ``[WARP_SCALE, 1]``
-#: (``benchmarks/bench_solvers.py``: 0.03 cut the 12-step roundtrip error 1.4-6x on the
-#: trained toys against ``c = 1`` alone).
+#: (``benchmarks/bench_solvers.py``: 0.03 cut the 12-step RMS roundtrip error 1.2-5.6x on
+#: the eight trained toys against ``c = 1`` alone).
 WARP_SCALE = 0.03
 #: Default error budget of ``warped_rk4``, checked against its estimate, which is conservative
-#: (1.4-15x above the measured RMS error on the toys); adaptive methods default to 1e-5.
+#: (6-52x above the measured RMS roundtrip error on the toys); adaptive methods default to 1e-5.
 WARPED_RTOL = 5e-2
 #: Without ``num_steps``, ``warped_rk4`` doubles its steps from ``WARPED_STEPS`` until the
 #: error estimate meets ``rtol``, up to this many.
