@@ -2,7 +2,8 @@
 
 1. Gradients through the decode: direct backpropagation vs the adjoint method, at two
    tolerances, two batch sizes and in float32 and float64 (median wall time of decode +
-   backward, NFE, decode and gradient error against a float64 rtol=1e-9 reference).
+   backward, the solvers of one batch size and dtype timed round-robin; NFE, decode and
+   gradient error against a float64 rtol=1e-9 reference).
    The prior's default, ``warped_rk4`` (fixed grid, direct backpropagation), is in the table.
 2. A 2-D moons prior and one ambiguous observation ``y = x0 + x1 + Normal(0, 0.3)``, y = 0.5:
    NUTS in the latent of our prior vs NUTS directly on x under a Pyro spline-coupling flow
@@ -62,6 +63,18 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_median_times(fns: list, repeats: int) -> list[float]:
+    """Median wall time of each of ``fns``, timed round-robin (one call of each per round)
+    so that a burst of load on a shared machine hits every function alike."""
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            tic = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - tic)
+    return [statistics.median(ts) for ts in times]
+
+
 def gradient_table(flow, repeats: int) -> list[dict]:
     """Decode + backward of ``sum(x^2)``, per solver, batch size and dtype, with the median
     per-point decode and relative gradient errors against a float64 dopri5 ``rtol=1e-9``
@@ -81,6 +94,7 @@ def gradient_table(flow, repeats: int) -> list[dict]:
                                               "rtol": 1.0}) for n in (12, 8)]
             solvers += [(f"dopri5 {kind} {rtol:.0e}", {"rtol": rtol, "adjoint": kind == "adjoint"})
                         for rtol in (1e-3, 1e-5) for kind in ("direct", "adjoint")]
+            group, steps = [], []
             for name, options in solvers:
                 z = z0.to(dtype).requires_grad_(True)
 
@@ -91,9 +105,10 @@ def gradient_table(flow, repeats: int) -> list[dict]:
                     return x
 
                 x = step()
-                rows.append({
+                steps.append(step)
+                group.append({
                     "batch": batch, "dtype": str(dtype).removeprefix("torch."), "method": name,
-                    "median_s": median_time(step, repeats), "forward_nfe": f.last_solve.nfe,
+                    "forward_nfe": f.last_solve.nfe,
                     # per point: |x - x_ref| and |g - g_ref| / |g_ref|; the median, since a
                     # few points on the seam between the moons are ill-conditioned for all
                     "decode_err_median": float((x.detach().double() - ref).norm(dim=-1)
@@ -101,6 +116,8 @@ def gradient_table(flow, repeats: int) -> list[dict]:
                     "grad_rel_err_median": float(((z.grad.double() - ref_grad).norm(dim=-1)
                                                   / ref_grad.norm(dim=-1)).median()),
                 })
+            for row, seconds in zip(group, interleaved_median_times(steps, repeats)):
+                rows.append({**row, "median_s": seconds})
     return rows
 
 
@@ -228,7 +245,7 @@ def main() -> None:
     tic = time.perf_counter()
     flow = pif.InflationaryFlow.fit(data, progress=False, steps=steps)
     ours_train = time.perf_counter() - tic
-    grads = gradient_table(flow, repeats=3 if a.quick else 7)
+    grads = gradient_table(flow, repeats=3 if a.quick else 9)
     print_gradients(grads)
     if a.gradients:
         path = Path(__file__).parent / "results" / "pyro_gradients.json"
