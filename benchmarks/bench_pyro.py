@@ -54,16 +54,7 @@ def machine() -> dict:
             "threads": torch.get_num_threads()}
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
-
-
-def interleaved_median_times(fns: list, repeats: int) -> list[float]:
+def median_times(fns: list, repeats: int) -> list[float]:
     """Median wall time of each of ``fns``, timed round-robin (one call of each per round)
     so that a burst of load on a shared machine hits every function alike."""
     times = [[] for _ in fns]
@@ -116,7 +107,7 @@ def gradient_table(flow, repeats: int) -> list[dict]:
                     "grad_rel_err_median": float(((z.grad.double() - ref_grad).norm(dim=-1)
                                                   / ref_grad.norm(dim=-1)).median()),
                 })
-            for row, seconds in zip(group, interleaved_median_times(steps, repeats)):
+            for row, seconds in zip(group, median_times(steps, repeats)):
                 rows.append({**row, "median_s": seconds})
     return rows
 
@@ -160,7 +151,7 @@ def gradient_cost(potential, dim: int, repeats: int) -> float:
     def step():
         z = torch.randn(dim, requires_grad=True)
         potential(z).backward()
-    return median_time(step, repeats)
+    return median_times([step], repeats)[0]
 
 
 def neutra_model(model, steps: int, seed: int = 0):
