@@ -18,7 +18,7 @@ import torch
 from . import _io
 from ._validation import check_data
 from .flow import FILLS, InflationaryFlow
-from .ode import ADAPTIVE, FIXED, SolverError
+from .solvers import METHODS, SolveInfo, SolverError
 from .training import TrainingDiverged, init_distributed
 
 __all__ = ["main"]
@@ -63,7 +63,7 @@ def _solver_args(p: argparse.ArgumentParser) -> None:
                    help="relative tolerance (default 1e-5; for warped_rk4 the error budget, "
                         "default 5e-2)")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default rtol)")
-    p.add_argument("--method", default="dopri5", choices=ADAPTIVE + FIXED,
+    p.add_argument("--method", default="dopri5", choices=METHODS,
                    help="solver (default dopri5; warped_rk4 is the fast fixed grid)")
     p.add_argument("--num-steps", type=int, default=None,
                    help="steps of warped_rk4 (default 12)")
@@ -79,8 +79,7 @@ def _flow(a) -> InflationaryFlow:
     return flow.double() if getattr(a, "float64", False) else flow
 
 
-def _report_solve(flow: InflationaryFlow, what: str, n: int, seconds: float) -> None:
-    info = flow.last_solve
+def _report_solve(info: SolveInfo, what: str, n: int, seconds: float) -> None:
     err = "" if info.error is None else f", estimated error {info.error:.1e}"
     print(f"{what} {n:,} points: {info.nfe} evaluations ({info.method}, rtol {info.rtol:g}"
           f"{err}), {seconds:.2f} s", file=sys.stderr)
@@ -136,8 +135,8 @@ def cmd_encode(a) -> None:
     x = check_data(_load_npy(a.data, "DATA"), "DATA", dim=flow.dim)
     tic = time.perf_counter()
     with torch.no_grad():
-        z = flow.encode(x, **_solver(a))
-    _report_solve(flow, "encoded", x.shape[0], time.perf_counter() - tic)
+        z, info = flow.encode(x, return_info=True, **_solver(a))
+    _report_solve(info, "encoded", x.shape[0], time.perf_counter() - tic)
     _save_npy(a.out, z)
 
 
@@ -147,8 +146,8 @@ def cmd_decode(a) -> None:
     gen = torch.Generator().manual_seed(a.seed)
     tic = time.perf_counter()
     with torch.no_grad():
-        x = flow.decode(z, fill=a.fill, generator=gen, **_solver(a))
-    _report_solve(flow, "decoded", z.shape[0], time.perf_counter() - tic)
+        x, info = flow.decode(z, fill=a.fill, generator=gen, return_info=True, **_solver(a))
+    _report_solve(info, "decoded", z.shape[0], time.perf_counter() - tic)
     _save_npy(a.out, x)
 
 
@@ -158,8 +157,8 @@ def cmd_sample(a) -> None:
         raise ValueError(f"-n: expected a positive number of samples, got {a.n}")
     tic = time.perf_counter()
     with torch.no_grad():
-        x = flow.sample(a.n, seed=a.seed, **_solver(a))
-    _report_solve(flow, "sampled", a.n, time.perf_counter() - tic)
+        x, info = flow.sample(a.n, seed=a.seed, return_info=True, **_solver(a))
+    _report_solve(info, "sampled", a.n, time.perf_counter() - tic)
     _save_npy(a.out, x)
 
 
@@ -168,15 +167,15 @@ def cmd_log_prob(a) -> None:
     x = check_data(_load_npy(a.data, "DATA"), "DATA", dim=flow.dim)
     tic = time.perf_counter()
     with torch.no_grad():
-        lp = flow.log_prob(x, trace=a.trace, **_solver(a))
-    _report_solve(flow, "log-density of", x.shape[0], time.perf_counter() - tic)
+        lp, info = flow.log_prob(x, trace=a.trace, return_info=True, **_solver(a))
+    _report_solve(info, "log-density of", x.shape[0], time.perf_counter() - tic)
     _save_npy(a.out, lp)
 
 
 def cmd_calibrate(a) -> None:
     import json
 
-    from .diagnostics import (
+    from .calibration import (  # plots and ArviZ-free reports: loaded when asked for
         LEVELS,
         calibration_table,
         flow_calibration,
@@ -213,10 +212,11 @@ def cmd_calibrate(a) -> None:
 
 
 def cmd_demo(a) -> None:
-    from .demo import run_demo
+    from .examples.demo import run_demo
 
+    # NUTS decodes one point per gradient, where a second thread only adds overhead
     run_demo(out=Path(a.out), n=a.n, steps=a.steps, seed=a.seed, progress=not a.quiet,
-             n_heldout=a.heldout, draws=a.draws, svi_steps=a.svi_steps)
+             n_heldout=a.heldout, draws=a.draws, svi_steps=a.svi_steps, nuts_threads=1)
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -17,13 +17,12 @@ non-Gaussian part. The score is ``C(t)^{-1} (Dn - ut)``.
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from .networks import build_network
-from .schedule import InflationSchedule, _as_time
+from .schedule import InflationSchedule, as_time
 
 __all__ = [
     "Denoiser",
@@ -35,13 +34,33 @@ __all__ = [
 ]
 
 
-@runtime_checkable
-class Denoiser(Protocol):
-    """``Dn(ut, t) -> E[u | ut]``: ``ut`` of shape ``(*, D)`` and ``t`` a scalar or ``(*)``."""
+class Denoiser(nn.Module):
+    r"""Base of every denoiser ``Dn(ut, t) -> E[u | ut]`` in eigen-coordinates.
+
+    A subclass sets ``self.schedule`` and implements ``forward(ut, t)`` (``ut`` of shape
+    ``(*, D)``, ``t`` a scalar or ``(*)``). The pfODE (:mod:`pyro_inflow.pfode`) reads it through
+    two methods, which a subclass may override to be faster:
+
+    * :meth:`time_terms`: everything that depends on the time alone, computed once per time
+      (and by ``warped_rk4`` once per solve for its whole grid);
+    * :meth:`residual`: ``(c_skip ut - Dn(ut, t)) / sqrt(sigma(t))`` at the standardized state
+      ``w = ut / sqrt(sigma(t))``, ``sigma = lam + gamma``, ``c_skip = lam / sigma`` (zero for
+      Gaussian data, whose denoiser is ``c_skip ut``).
+    """
 
     schedule: InflationSchedule
 
-    def __call__(self, ut: Tensor, t: Tensor) -> Tensor: ...
+    def time_terms(self, t: Tensor, lam: Tensor) -> tuple[Tensor, ...]:
+        """``(t, sqrt(sigma(t)), c_skip(t))``: times ``(*t)``, the others ``(*t, D)``."""
+        sigma = self.schedule.sigma(t, lam)
+        return t, torch.sqrt(sigma), lam / sigma
+
+    def residual(self, w: Tensor, terms: tuple[Tensor, ...]) -> Tensor:
+        """``(c_skip ut - Dn(ut, t)) / sqrt(sigma)`` for ``w`` ``(*, D)`` and the
+        :meth:`time_terms` of one time."""
+        t, root, c_skip = terms
+        ut = w * root
+        return (c_skip * ut - self(ut, t)) / root
 
 
 def check_mixture(weights, means, covariances, dtype: torch.dtype | None = None):
@@ -70,7 +89,7 @@ def check_mixture(weights, means, covariances, dtype: torch.dtype | None = None)
     return w, m, S
 
 
-class GaussianMixtureDenoiser(nn.Module):
+class GaussianMixtureDenoiser(Denoiser):
     r"""Exact posterior mean for a Gaussian mixture in eigen-coordinates.
 
     Args:
@@ -103,7 +122,7 @@ class GaussianMixtureDenoiser(nn.Module):
 
     def _components(self, ut: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Component log-densities ``(*, K)``, ``P (ut - m)`` ``(*, K, D)``, and ``S P``."""
-        gamma = self.schedule.gamma(_as_time(t, ut)).to(ut.dtype)  # (*t, D)
+        gamma = self.schedule.gamma(as_time(t, ut)).to(ut.dtype)  # (*t, D)
         cov = self.covariances + torch.diag_embed(gamma).unsqueeze(-3)  # (*t, K, D, D)
         chol = torch.linalg.cholesky(cov)
         prec = torch.cholesky_inverse(chol)
@@ -130,11 +149,11 @@ class GaussianMixtureDenoiser(nn.Module):
         return {"num_components": self.weights.shape[0]}
 
     @classmethod
-    def _from_saved(cls, schedule, lam, config, state) -> GaussianMixtureDenoiser:
+    def from_saved(cls, schedule, lam, config, state) -> GaussianMixtureDenoiser:
         return cls(schedule, state["weights"], state["means"], state["covariances"])
 
 
-class EmpiricalDenoiser(nn.Module):
+class EmpiricalDenoiser(Denoiser):
     r"""Exact posterior mean when the data are the point masses ``points`` (the discrete score).
 
     ``E[u | ut] = sum_j softmax_j(-0.5 sum_i (ut_i - y_ji)^2 / gamma_i) y_j``. The constant
@@ -161,7 +180,7 @@ class EmpiricalDenoiser(nn.Module):
         self.max_elements = int(max_elements)
 
     def forward(self, ut: Tensor, t: Tensor) -> Tensor:
-        inv_gamma = 1.0 / self.schedule.gamma(_as_time(t, ut)).to(ut.dtype)  # (*t, D)
+        inv_gamma = 1.0 / self.schedule.gamma(as_time(t, ut)).to(ut.dtype)  # (*t, D)
         batch = ut.shape[:-1]
         flat = ut.reshape(-1, ut.shape[-1])
         inv = inv_gamma.expand(*batch, ut.shape[-1]).reshape(-1, ut.shape[-1])
@@ -178,18 +197,20 @@ class EmpiricalDenoiser(nn.Module):
         return {"num_points": self.points.shape[0], "max_elements": self.max_elements}
 
     @classmethod
-    def _from_saved(cls, schedule, lam, config, state) -> EmpiricalDenoiser:
+    def from_saved(cls, schedule, lam, config, state) -> EmpiricalDenoiser:
         return cls(schedule, state["points"], config.get("max_elements", 2**23))
 
 
-class PreconditionedDenoiser(nn.Module):
+class PreconditionedDenoiser(Denoiser):
     r"""Learned denoiser ``Dn = c_skip ut + c_out F(c_in ut, c_noise)`` per eigen-dimension.
 
     Args:
         schedule: the noise schedule.
         lam: ``(D,)`` eigenvalues of the data covariance (``max == 1``).
         network: ``F``, a module mapping ``(*, D)`` inputs and ``(*)`` noise levels to
-            ``(*, D)``; see :mod:`pyro_inflow.networks`. ``c_noise(t) = t / t_max``.
+            ``(*, D)``, split into ``time_features(c_noise)`` and ``forward_features(x,
+            features)`` as the backbones of :mod:`pyro_inflow.networks` are.
+            ``c_noise(t) = t / t_max``.
     """
 
     lam: Tensor
@@ -202,9 +223,9 @@ class PreconditionedDenoiser(nn.Module):
 
     def preconditioning(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(c_skip, c_out, c_in)`` of shape ``(*t, D)`` and ``c_noise`` of shape ``(*t)``."""
-        t = _as_time(t, self.lam)
+        t = as_time(t, self.lam)
         gamma = self.schedule.gamma(t)
-        sigma = self.lam + gamma
+        sigma = self.schedule.sigma(t, self.lam)
         c_skip = self.lam / sigma
         c_out = torch.sqrt(self.lam * gamma / sigma)
         c_in = torch.rsqrt(sigma)
@@ -216,20 +237,21 @@ class PreconditionedDenoiser(nn.Module):
         c_noise = c_noise.expand(ut.shape[:-1])
         return c_skip * ut + c_out * self.network(c_in * ut, c_noise)
 
-    def time_features(self, t: Tensor) -> tuple[Tensor, ...]:
-        """What ``F`` needs of the times ``t`` ``(*t)`` alone: the network's
-        ``time_features(c_noise)``, or ``(c_noise,)`` for a network without them."""
-        c_noise = _as_time(t, self.lam) / self.schedule.t_max
-        if hasattr(self.network, "time_features"):
-            return self.network.time_features(c_noise)
-        return (c_noise,)
+    def time_terms(self, t: Tensor, lam: Tensor | None = None) -> tuple[Tensor, ...]:
+        """``c_out / sqrt(sigma)`` ``(*t, D)`` and the network's ``time_features(c_noise)``;
+        the ``lam`` argument is ignored (this denoiser holds its own)."""
+        t = as_time(t, self.lam)
+        gamma = self.schedule.gamma(t)
+        sigma = self.schedule.sigma(t, self.lam)
+        coef = torch.sqrt(self.lam * gamma) / sigma
+        c_noise = t / self.schedule.t_max
+        return coef, *self.network.time_features(c_noise)
 
-    def network_at(self, w: Tensor, features: tuple[Tensor, ...]) -> Tensor:
-        """``F(w, c_noise)`` ``(*, D)`` on the standardized input ``w = c_in ut``, from
-        :meth:`time_features` of one time (broadcast over the points)."""
-        if hasattr(self.network, "forward_features"):
-            return self.network.forward_features(w, features)
-        return self.network(w, features[0].expand(w.shape[:-1]))
+    def residual(self, w: Tensor, terms: tuple[Tensor, ...]) -> Tensor:
+        """``c_skip ut - Dn = -c_out F(c_in ut, c_noise)`` over ``sqrt(sigma)``, and
+        ``c_in ut = w``: one network call on the standardized state, no cancellation."""
+        coef, *features = terms
+        return -coef * self.network.forward_features(w, tuple(features))
 
     def loss(self, u: Tensor, t: Tensor, eps: Tensor, network: nn.Module | None = None) -> Tensor:
         r"""Denoising score-matching loss ``sum_i (Dn_i - u_i)^2 / c_out_i^2``, shape ``(B,)``.
@@ -249,7 +271,7 @@ class PreconditionedDenoiser(nn.Module):
         return {"network": self.network.config()}
 
     @classmethod
-    def _from_saved(cls, schedule, lam, config, state) -> PreconditionedDenoiser:
+    def from_saved(cls, schedule, lam, config, state) -> PreconditionedDenoiser:
         net = build_network(**config["network"])
         den = cls(schedule, lam.clone(), net)
         den.load_state_dict(state, strict=True)
@@ -257,7 +279,7 @@ class PreconditionedDenoiser(nn.Module):
 
 
 #: Denoiser classes by the name stored in saved files.
-DENOISERS: dict[str, type[nn.Module]] = {
+DENOISERS: dict[str, type[Denoiser]] = {
     "gaussian_mixture": GaussianMixtureDenoiser,
     "empirical": EmpiricalDenoiser,
     "preconditioned": PreconditionedDenoiser,

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyro.distributions as dist
 import torch
 from torch import Tensor
 
-from .flow import InflationaryFlow
 from .transforms import InflationaryFlowTransform
 
+if TYPE_CHECKING:  # the Pyro layer sits above the flow and never imports it at run time
+    from .flow import InflationaryFlow
+
 __all__ = ["InflationaryFlowPrior"]
+
+_NO_SHAPE = torch.Size()
 
 
 class InflationaryFlowPrior(dist.TransformedDistribution):
@@ -22,7 +28,10 @@ class InflationaryFlowPrior(dist.TransformedDistribution):
     * PR-preserving flows (``d = D``), and PR-reducing ones with ``full_rank=True``:
       ``log_prob(x)`` is the flow's density (one encode with the change of variables; exact
       trace for ``D <= 16``, else a Hutchinson estimate with probes fixed by ``seed``, so the
-      potential stays deterministic inside NUTS).
+      potential stays deterministic inside NUTS). ``rsample`` decodes with the
+      log-determinant in the same solve and caches it, so ``log_prob`` of a value just drawn
+      by ``rsample`` (what a Pyro trace does) costs no second solve; ``sample`` (no
+      gradients) decodes without it.
     * PR-reducing flows (``d < D``): the prior lives on a ``d``-dimensional manifold in
       ``R^D`` and ``log_prob`` raises; ``sample``, ``rsample`` and reparametrized (latent)
       inference work.
@@ -40,7 +49,7 @@ class InflationaryFlowPrior(dist.TransformedDistribution):
     has_rsample = True
 
     def __init__(self, flow: InflationaryFlow, *, full_rank: bool = False,
-                 validate_args: bool | None = None, **options) -> None:
+                 validate_args: bool | None = None, **options: object) -> None:
         transform = InflationaryFlowTransform(flow, full_rank=full_rank, **options)
         zeros = torch.zeros(transform.in_dim, dtype=flow.dtype, device=flow.device)
         base = dist.Normal(zeros, 1.0).to_event(1)
@@ -48,10 +57,12 @@ class InflationaryFlowPrior(dist.TransformedDistribution):
 
     @property
     def transform(self) -> InflationaryFlowTransform:
+        """The decode, latent -> data."""
         return self.transforms[0]
 
     @property
     def flow(self) -> InflationaryFlow:
+        """The flow."""
         return self.transform.flow
 
     @property
@@ -59,28 +70,40 @@ class InflationaryFlowPrior(dist.TransformedDistribution):
         """Whether the prior has a density on ``R^D`` (PR-preserving, or full-rank PR-reducing)."""
         return self.transform.full_rank
 
-    def expand(self, batch_shape, _instance=None) -> InflationaryFlowPrior:
+    def expand(self, batch_shape: torch.Size,
+               _instance: InflationaryFlowPrior | None = None) -> InflationaryFlowPrior:
+        """The prior with batch shape ``batch_shape`` (Pyro's ``expand``)."""
         new = self._get_checked_instance(InflationaryFlowPrior, _instance)
         return super().expand(batch_shape, _instance=new)
 
-    def log_prob(self, value: Tensor) -> Tensor:
-        """``log p(x)`` of data ``x`` ``(*batch, D) -> (*batch)`` (one encode solve)."""
-        flow = self.flow
+    def rsample(self, sample_shape: torch.Size = _NO_SHAPE) -> Tensor:
+        """Reparametrized draws ``(*sample_shape, *batch_shape, D)``; with a density, the
+        log-determinant comes from the same solve and is cached for :meth:`log_prob`."""
         if not self.full_rank:
-            raise ValueError(
-                f"InflationaryFlowPrior.log_prob: this PR-reducing prior (d={flow.latent_dim} "
-                f"< D={flow.dim}) lives on a {flow.latent_dim}-dimensional manifold in "
-                f"R^{flow.dim} and has no density there; use latent inference "
-                f"(pyro_inflow.reparam_flow_priors or latent_nuts), or "
-                f"flow.prior(full_rank=True) for a proper density"
-            )
+            return super().rsample(sample_shape)
+        z = self.base_dist.rsample(sample_shape)
+        return self.transform.call_and_ladj(z)[0]
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """``log p(x)`` of data ``x`` ``(*batch, D) -> (*batch)`` (one encode solve, or none
+        for the last value drawn by :meth:`rsample`)."""
+        flow, t = self.flow, self.transform
+        if not self.full_rank:
+            flow.require_density("InflationaryFlowPrior.log_prob")
         if value.dim() < 1 or value.shape[-1] != flow.dim:
             raise ValueError(
                 f"InflationaryFlowPrior.log_prob: expected values of shape (*, {flow.dim}) "
                 f"for this flow (D={flow.dim}), got shape {tuple(value.shape)}"
             )
-        t = self.transform
-        lp = t._solved(flow.log_prob(value, full_rank=True, **t.solver_options(trace=True)))
+        value = t.checked(value, latent=False) if t.cached_ladj(value) is None else value
+        cached = t.cached_ladj(value)
+        if cached is not None:
+            z, ladj = cached
+            lp = self.base_dist.log_prob(z) - ladj
+        else:
+            lp, info = flow.log_prob(value, full_rank=True, return_info=True,
+                                     **t.solver_options(trace=True))
+            t.record(info)
         return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
 
     def __repr__(self) -> str:

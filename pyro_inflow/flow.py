@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from . import _io
 from ._validation import check_data, check_positive_int
 from .basis import EigenBasis
-from .denoisers import (
-    DENOISERS,
-    Denoiser,
-    EmpiricalDenoiser,
-    GaussianMixtureDenoiser,
-    check_mixture,
-)
-from .ode import ProbabilityFlow, SolveInfo, solve
+from .constructors import empirical_flow, fit_flow, load_flow, mixture_flow, save_flow
+from .denoisers import Denoiser
+from .distributions import InflationaryFlowPrior
+from .pfode import PFODEField
 from .schedule import InflationSchedule
+from .solvers import SolveInfo, solve
+from .solvers.watch import ErrorWatch
+from .training import TrainState
 
-__all__ = ["InflationaryFlow"]
+__all__ = ["InflationaryFlow", "FILLS"]
 
 FILLS = ("zeros", "normal")
 
@@ -35,13 +34,22 @@ class InflationaryFlow(nn.Module):
 
     Computation runs in the flow's dtype (``flow.double()`` for float64, recommended for
     log-densities); inputs are converted to it. Solver keywords accepted by :meth:`encode`,
-    :meth:`decode`, :meth:`sample` and :meth:`log_prob`: ``rtol`` (default ``1e-5``), ``atol``
-    (default ``rtol``), ``method`` (default ``"dopri5"``; fixed-step ``"euler"``, ``"rk4"``, ...
-    with ``step_size``), ``max_num_steps``. The last solve is described by ``flow.last_solve``.
+    :meth:`decode`, :meth:`sample` and :meth:`log_prob` (see :func:`pyro_inflow.solvers.solve`):
+    ``method`` (default ``"dopri5"``; ``"warped_rk4"``, the fast fixed grid; fixed-step
+    ``"euler"``, ``"rk4"``, ... with ``step_size``), ``rtol`` (default ``1e-5``), ``atol``
+    (default ``rtol``), ``num_steps``, ``max_num_steps``. With ``return_info=True`` they also
+    return the :class:`~pyro_inflow.solvers.SolveInfo` of the solve (evaluations, error).
 
     Args:
         basis: the data's eigen-basis.
         denoiser: a denoiser in eigen-coordinates (its ``schedule`` defines the flow).
+
+    Attributes:
+        history: the training history (:meth:`fit`), else ``None``.
+        metadata: what :meth:`save` was given (:meth:`load`), else ``{}``.
+        prior_watch: the largest ``warped_rk4`` error estimate seen by this flow's priors
+            (an :class:`~pyro_inflow.solvers.watch.ErrorWatch`, shared by every
+            ``flow.prior()``, since models usually build the prior afresh at every call).
 
     Example:
         >>> flow = InflationaryFlow.from_gaussian_mixture(
@@ -59,16 +67,19 @@ class InflationaryFlow(nn.Module):
                 f"basis dimension {basis.dim}"
             )
         self.basis = basis
-        self.field = ProbabilityFlow(denoiser, basis.lam.clone())
-        self.last_solve: SolveInfo | None = None
+        self.field = PFODEField(denoiser, basis.lam.clone())
+        self.history: dict | None = None
+        self.metadata: dict = {}
+        self.prior_watch = ErrorWatch()
 
-    # ------------------------------------------------------------------ properties
     @property
     def denoiser(self) -> Denoiser:
+        """The denoiser in eigen-coordinates."""
         return self.field.denoiser
 
     @property
     def schedule(self) -> InflationSchedule:
+        """The noise schedule."""
         return self.field.denoiser.schedule
 
     @property
@@ -83,10 +94,12 @@ class InflationaryFlow(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the flow's computations."""
         return self.basis.mean.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the flow's computations."""
         return self.basis.mean.device
 
     # ------------------------------------------------------------------ constructors
@@ -99,12 +112,8 @@ class InflationaryFlow(nn.Module):
         *,
         schedule: str = "prp",
         dims_to_keep: int | None = None,
-        inflation_gap: float | None = None,
-        gamma0: float = 5e-4,
-        rho: float = 1.0,
-        A0: float = 1.0,
-        t_max: float | None = None,
         dtype: torch.dtype = torch.float64,
+        **schedule_options: float | None,
     ) -> InflationaryFlow:
         """Exact flow of the mixture ``sum_k weights_k N(means_k, covariances_k)``.
 
@@ -112,75 +121,152 @@ class InflationaryFlow(nn.Module):
 
         Args:
             weights: ``(K,)`` positive. means: ``(K, D)``. covariances: ``(K, D, D)`` PSD.
-            schedule, dims_to_keep, inflation_gap, gamma0, rho, A0, t_max: see
-                :class:`~pyro_inflow.schedule.InflationSchedule`.
+            schedule, dims_to_keep: ``"prp"``, or ``"prr"`` with ``d`` kept dimensions.
             dtype: computation dtype (float64 by default).
+            **schedule_options: ``inflation_gap``, ``gamma0``, ``rho``, ``t_max``, ``tol``; see
+                :class:`~pyro_inflow.InflationSchedule`.
         """
-        w, m, S = check_mixture(weights, means, covariances, dtype)
-        K, D = m.shape
-        w = w / w.sum()
-        mean = (w[:, None] * m).sum(0)
-        dev = m - mean
-        cov = (w[:, None, None] * (S + dev[:, :, None] * dev[:, None, :])).sum(0)
-        basis = EigenBasis.from_moments(mean, cov)
-        sched = InflationSchedule(
-            D, schedule, dims_to_keep, inflation_gap=inflation_gap, gamma0=gamma0, rho=rho,
-            A0=A0, t_max=t_max, lam=basis.lam.tolist(),
-        ).to(dtype)
-        m_u = basis.to_eigen(m)
-        S_u = basis.W.T @ S @ basis.W / basis.scale**2
-        return cls(basis, GaussianMixtureDenoiser(sched, w, m_u, S_u))
+        return mixture_flow(cls, weights, means, covariances, schedule, dims_to_keep, dtype,
+                            schedule_options)
 
     @classmethod
     def from_empirical(
         cls, data: Tensor, *, schedule: str = "prp", dims_to_keep: int | None = None,
-        dtype: torch.dtype = torch.float64, **schedule_kwargs,
+        dtype: torch.dtype = torch.float64, **schedule_options: float | None,
     ) -> InflationaryFlow:
         """Exact flow of the point cloud ``data (n, D)`` (the "discrete score").
 
         Its ``t = 0`` marginal is the data convolved with ``N(0, gamma0)`` in scaled units.
-        Extra keywords go to :class:`~pyro_inflow.schedule.InflationSchedule`.
+        Arguments as in :meth:`from_gaussian_mixture`.
         """
-        x = check_data(data, "data", min_rows=2, dtype=dtype)
-        basis = EigenBasis.from_data(x)
-        sched = InflationSchedule(
-            basis.dim, schedule, dims_to_keep, lam=basis.lam.tolist(), **schedule_kwargs
-        ).to(dtype)
-        return cls(basis, EmpiricalDenoiser(sched, basis.to_eigen(x)))
+        return empirical_flow(cls, data, schedule, dims_to_keep, dtype, schedule_options)
 
     @classmethod
-    def fit(cls, data, schedule: str = "prp", dims_to_keep: int | None = None, **kwargs):
-        """Learn a flow from samples ``data (n, D)``; see :func:`pyro_inflow.training.fit`."""
-        from .training import fit
+    def fit(
+        cls,
+        data: Tensor,
+        schedule: str = "prp",
+        dims_to_keep: int | None = None,
+        *,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 1000,
+        resume: str | os.PathLike | None = None,
+        progress: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        callback: Callable[[TrainState], None] | None = None,
+        **settings: object,
+    ) -> InflationaryFlow:
+        """Learn an inflationary flow from samples.
 
-        return fit(data, schedule=schedule, dims_to_keep=dims_to_keep, **kwargs)
+        The data are split (``validation_fraction`` held out, seeded); the eigen-basis and the
+        schedule come from the training split, and a
+        :class:`~pyro_inflow.denoisers.PreconditionedDenoiser` is trained on it
+        (:mod:`pyro_inflow.training`).
+
+        Args:
+            data: ``(n, D)`` floating array or tensor of samples, finite, ``n >= D + 2``.
+            schedule, dims_to_keep: ``"prp"``, or ``"prr"`` with ``d`` kept dimensions.
+            checkpoint: write a resumable checkpoint here every ``checkpoint_every`` steps, at
+                the end, and when SIGINT/SIGTERM (Ctrl-C) stops the run between two steps; the
+                interrupt is then re-raised as ``KeyboardInterrupt``. Writes are atomic.
+            resume: continue from this checkpoint (same data and settings; ``steps`` may grow).
+            progress: show a tqdm bar with the loss, validation loss and samples per second.
+            dtype: training dtype (the returned flow can be converted with ``.double()``).
+            device: where the network trains (default: the CPU, or under NCCL this process's
+                ``cuda:LOCAL_RANK``). Random draws are made on the CPU generator whatever the
+                device, so a seed gives the same batches everywhere. The flow is returned there.
+            callback: called after every training step with a
+                :class:`~pyro_inflow.training.TrainState` (step, losses at evaluations, the EMA
+                denoiser); raising ``KeyboardInterrupt`` in it stops the run like Ctrl-C.
+            **settings: schedule options (``inflation_gap``, ``gamma0``, ``rho``, ``t_max``,
+                ``tol``; see :class:`~pyro_inflow.InflationSchedule`) and training settings
+                (fields of :class:`~pyro_inflow.training.TrainConfig`: ``steps``,
+                ``batch_size``, ``lr``, ``patience``, ``seed``, ...).
+
+        Returns:
+            The flow with the EMA weights, frozen (``requires_grad=False``); ``flow.history``
+            holds steps, losses, samples seen and wall time.
+
+        Raises:
+            ValueError, TypeError: bad data or settings, named.
+            TrainingDiverged: a non-finite loss or gradient; its ``flow`` has the last good
+                weights.
+
+        Under ``torchrun`` (an initialized default process group) the run is data-parallel;
+        ``batch_size`` is the global batch and must divide evenly among the processes, and
+        every process must pass the same data and settings.
+
+        Example:
+            >>> from pyro_inflow import datasets
+            >>> data = datasets.load("moons", n=2000, seed=0)
+            >>> flow = InflationaryFlow.fit(data, steps=20, progress=False)
+            >>> flow.latent_dim, len(flow.history["step"])
+            (2, 1)
+        """
+        return fit_flow(cls, data, schedule, dims_to_keep, checkpoint=checkpoint,
+                        checkpoint_every=checkpoint_every, resume=resume, progress=progress,
+                        dtype=dtype, device=device, callback=callback, settings=settings)
 
     # ------------------------------------------------------------------ the maps
-    def _solve(self, w: Tensor, t0: float, t1: float, **kw) -> tuple[Tensor, Tensor | None]:
-        w1, logdet, info = solve(self.field, w, t0, t1, **kw)
-        self.last_solve = info
-        return w1, logdet
+    def check_points(self, x: object, name: str = "x", latent: bool = False) -> Tensor:
+        """``x`` validated as points ``(*, D)`` (``(*, d)`` when ``latent``) and converted to
+        the flow's dtype and device.
 
-    def _sigma0_root(self) -> Tensor:
-        return torch.sqrt(self.field.sigma(torch.zeros((), dtype=self.dtype, device=self.device)))
-
-    def _check(self, x, name: str, dim: int) -> Tensor:
+        Raises:
+            TypeError: non-floating input. ValueError: wrong width, no points, NaN or Inf.
+        """
+        dim = self.latent_dim if latent else self.dim
         return check_data(x, name, dim=dim, batched=True, dtype=self.dtype, device=self.device)
 
-    def encode_full(self, x: Tensor, **solver) -> Tensor:
-        """Standardized state ``w(T)`` on all ``D`` dimensions, ``(*, D) -> (*, D)``."""
-        x = self._check(x, "x", self.dim)
-        w0 = self.basis.to_eigen(x) / self._sigma0_root()
-        return self._solve(w0, 0.0, self.schedule.t_max, **solver)[0]
+    def require_density(self, where: str) -> None:
+        """Raise the one error for asking a PR-reducing flow for a density on ``R^D``.
 
-    def encode(self, x: Tensor, **solver) -> Tensor:
+        Raises:
+            ValueError: when the flow is PR-reducing, naming ``where`` and what to do instead.
+        """
+        d, D = self.latent_dim, self.dim
+        if d < D:
+            raise ValueError(
+                f"{where}: a PR-reducing flow (d={d} < D={D}) maps R^{d} onto a {d}-dimensional "
+                f"manifold in R^{D} and has no density (no square Jacobian) there; use latent "
+                f"inference (reparam_flow_priors, latent_nuts) or encode/decode, or "
+                f"full_rank=True for the full-rank model's density")
+
+    def _sigma0_root(self) -> Tensor:
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.sqrt(self.schedule.sigma(zero, self.field.lam))
+
+    def to_state(self, x: Tensor) -> Tensor:
+        """The standardized state ``w(0) = u / sqrt(lam + gamma0)`` of data ``x``, where the
+        pfODE starts: ``(*, D) -> (*, D)`` (no solve)."""
+        return self.basis.to_eigen(self.check_points(x)) / self._sigma0_root()
+
+    def from_state(self, w: Tensor) -> Tensor:
+        """Data ``x`` of a standardized state ``w(0)``: ``(*, D) -> (*, D)`` (no solve)."""
+        return self.basis.from_eigen(w * self._sigma0_root())
+
+    def _solve(self, w: Tensor, t0: float, t1: float, return_info: bool,
+               **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
+        w1, _, info = solve(self.field, w, t0, t1, **solver)
+        return (w1, info) if return_info else w1
+
+    def encode_full(self, x: Tensor, *, return_info: bool = False,
+                    **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
+        """Standardized state ``w(T)`` on all ``D`` dimensions, ``(*, D) -> (*, D)``."""
+        return self._solve(self.to_state(x), 0.0, self.schedule.t_max, return_info, **solver)
+
+    def encode(self, x: Tensor, *, return_info: bool = False,
+               **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
         """Latent ``z`` of data ``x``: ``(*, D) -> (*, d)`` (inflation, ``t: 0 -> T``)."""
-        return self.encode_full(x, **solver)[..., self.schedule.kept]
+        w, info = self.encode_full(x, return_info=True, **solver)
+        z = w[..., self.schedule.kept]
+        return (z, info) if return_info else z
 
     def decode(
         self, z: Tensor, *, fill: str = "zeros", generator: torch.Generator | None = None,
-        **solver,
-    ) -> Tensor:
+        return_info: bool = False, **solver: object,
+    ) -> Tensor | tuple[Tensor, SolveInfo]:
         """Data ``x`` of latent ``z``: ``(*, d) -> (*, D)`` (generation, ``t: T -> 0``).
 
         Args:
@@ -189,45 +275,44 @@ class InflationaryFlow(nn.Module):
                 (the learned ``d``-dimensional manifold) or ``"normal"`` (``N(0, 1)`` draws of
                 their own standardized scale, the paper's small-variance option).
             generator: random generator for ``fill="normal"``.
+            return_info: also return the solve's :class:`~pyro_inflow.solvers.SolveInfo`.
         """
         if fill not in FILLS:
             raise ValueError(f"fill: expected one of {FILLS}, got {fill!r}")
-        z = self._check(z, "z", self.latent_dim)
+        z = self.check_points(z, "z", latent=True)
         extra = self.dim - self.latent_dim
         if extra:
             shape = (*z.shape[:-1], extra)
             rest = (torch.randn(shape, generator=generator, dtype=z.dtype, device=z.device)
                     if fill == "normal" else z.new_zeros(shape))
             z = torch.cat([z, rest], dim=-1)
-        return self.decode_full(z, **solver)
+        return self.decode_full(z, return_info=return_info, **solver)
 
-    def decode_full(self, w: Tensor, **solver) -> Tensor:
+    def decode_full(self, w: Tensor, *, return_info: bool = False,
+                    **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
         """Data ``x`` of a full standardized state ``w(T)``: ``(*, D) -> (*, D)``.
 
         The inverse of :meth:`encode_full`; for PR-preserving flows the same as :meth:`decode`.
         """
-        w = self._check(w, "w", self.dim)
-        w0 = self._solve(w, self.schedule.t_max, 0.0, **solver)[0]
-        return self.basis.from_eigen(w0 * self._sigma0_root())
+        w = self.check_points(w, "w")
+        w0, info = self._solve(w, self.schedule.t_max, 0.0, True, **solver)
+        x = self.from_state(w0)
+        return (x, info) if return_info else x
 
-    def decode_with_logdet(self, w: Tensor, **solver) -> tuple[Tensor, Tensor]:
-        """:meth:`decode_full` and ``log |det dx/dw|``: ``(*, D) -> ((*, D), (*))``.
-
-        Takes the trace keywords of :meth:`log_prob` (``trace``, ``num_probes``, ``seed``).
-        """
-        trace = self._trace(solver.pop("trace", "auto"))
-        solver.setdefault("num_probes", 16)
-        w = self._check(w, "w", self.dim)
-        w0, logdet = self._solve(w, self.schedule.t_max, 0.0, logdet=True, trace=trace,
+    def decode_with_logdet(self, w: Tensor, *, trace: str = "auto", num_probes: int = 16,
+                           seed: int = 0, **solver: object
+                           ) -> tuple[Tensor, Tensor, SolveInfo]:
+        """:meth:`decode_full` and ``log |det dx/dw|`` in one augmented solve:
+        ``(*, D) -> ((*, D), (*), SolveInfo)``. Trace keywords as in :meth:`log_prob`."""
+        w = self.check_points(w, "w")
+        w0, logdet, info = solve(self.field, w, self.schedule.t_max, 0.0, logdet=True,
+                                 trace=self._trace(trace), num_probes=num_probes, seed=seed,
                                  **solver)
-        x = self.basis.from_eigen(w0 * self._sigma0_root())
-        return x, logdet + self._affine_logdet()
+        return self.from_state(w0), logdet + self._affine_logdet(), info
 
-    def _trace(self, trace: str) -> str:
+    def _trace(self, trace: str) -> str:  # "auto": exact for D <= 16
         return ("exact" if self.dim <= 16 else "hutchinson") if trace == "auto" else trace
-
-    def _affine_logdet(self) -> Tensor:
-        """``log |det dx/dw(0)|`` of ``x = mu + scale W sqrt(sigma(0)) w(0)``."""
+    def _affine_logdet(self) -> Tensor:  # log |det dx/dw(0)| of x = from_state(w(0))
         return torch.log(self._sigma0_root()).sum() - self.basis.log_abs_det()
 
     def add_t0_noise(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
@@ -240,30 +325,27 @@ class InflationaryFlow(nn.Module):
         (e.g. dequantized pixels, whose smallest eigenvalue is near ``5e-4``): there clean
         points encode too close to the origin, with variance ``lam / (lam + gamma0)``.
         """
-        x = self._check(x, "x", self.dim)
+        x = self.check_points(x)
         sd = self.basis.scale * math.sqrt(self.schedule.gamma0)
         return x + sd * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
     def sample(
         self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None,
-        fill: str = "zeros", **solver,
-    ) -> Tensor:
+        fill: str = "zeros", return_info: bool = False, **solver: object,
+    ) -> Tensor | tuple[Tensor, SolveInfo]:
         """``n`` samples ``(n, D)``: decode ``z ~ N(0, I_d)``."""
         n = check_positive_int(n, "n")
-        if generator is None:
+        if generator is None:  # a seeded one, or one seeded from fresh entropy
             generator = torch.Generator(device=self.device)
-            if seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(seed)
+            _ = generator.seed() if seed is None else generator.manual_seed(seed)
         z = torch.randn(n, self.latent_dim, generator=generator, dtype=self.dtype,
                         device=self.device)
-        return self.decode(z, fill=fill, generator=generator, **solver)
+        return self.decode(z, fill=fill, generator=generator, return_info=return_info, **solver)
 
     def log_prob(
         self, x: Tensor, *, full_rank: bool = False, trace: str = "auto", num_probes: int = 16,
-        seed: int = 0, **solver,
-    ) -> Tensor:
+        seed: int = 0, return_info: bool = False, **solver: object,
+    ) -> Tensor | tuple[Tensor, SolveInfo]:
         r"""Log-density ``log p(x)`` of the flow's ``t = 0`` marginal, ``(*, D) -> (*)``.
 
         ``log p(x) = log N(w(T); 0, I) + int_0^T tr(df/dw) dt - 0.5 sum_i log(lam_i + gamma0)
@@ -280,22 +362,16 @@ class InflationaryFlow(nn.Module):
             ValueError: for PR-reducing flows without ``full_rank=True``: their data live on a
                 ``d``-dimensional manifold and have no density on ``R^D``.
         """
-        if self.latent_dim != self.dim and not full_rank:
-            raise ValueError(
-                f"log_prob: a PR-reducing flow (d={self.latent_dim} < D={self.dim}) has no "
-                f"density on R^{self.dim}; work in the latent (encode/decode, latent inference) "
-                f"or pass full_rank=True for the full-rank model's density"
-            )
-        x = self._check(x, "x", self.dim)
-        w0 = self.basis.to_eigen(x) / self._sigma0_root()
-        wT, logdet = self._solve(
-            w0, 0.0, self.schedule.t_max, logdet=True, trace=self._trace(trace),
-            num_probes=num_probes, seed=seed, **solver,
-        )
+        if not full_rank:
+            self.require_density("log_prob")
+        wT, logdet, info = solve(self.field, self.to_state(x), 0.0, self.schedule.t_max,
+                                 logdet=True, trace=self._trace(trace), num_probes=num_probes,
+                                 seed=seed, **solver)
         log_normal = -0.5 * (wT.square().sum(-1) + self.dim * math.log(2 * math.pi))
-        return log_normal + logdet - self._affine_logdet()
+        lp = log_normal + logdet - self._affine_logdet()
+        return (lp, info) if return_info else lp
 
-    def prior(self, *, full_rank: bool = False, **options):
+    def prior(self, *, full_rank: bool = False, **options: object) -> InflationaryFlowPrior:
         """This flow as a Pyro prior: an :class:`~pyro_inflow.InflationaryFlowPrior`.
 
         Freezes the flow's weights (``requires_grad=False``): inference never trains them.
@@ -306,46 +382,19 @@ class InflationaryFlow(nn.Module):
             **options: solver and trace options of the prior's transform, see
                 :class:`~pyro_inflow.InflationaryFlowTransform`.
         """
-        from .distributions import InflationaryFlowPrior
-
         return InflationaryFlowPrior(self, full_rank=full_rank, **options)
 
-    # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike, metadata: dict | None = None) -> None:
         """Write the flow to ``path`` atomically (tensors and JSON-like data only)."""
-        den = self.denoiser
-        kind = next(k for k, c in DENOISERS.items() if isinstance(den, c))
-        _io.save_payload(path, "flow", {
-            "basis": {k: v.detach().cpu() for k, v in self.basis.state_dict().items()},
-            "schedule": self.schedule.config(),
-            "denoiser": {"type": kind, "config": den.config(),
-                         "state": {k: v.detach().cpu() for k, v in den.state_dict().items()}},
-            "metadata": dict(metadata or {}),
-        })
+        save_flow(self, path, metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    def load(cls, path: str | os.PathLike,
+             map_location: str | torch.device = "cpu") -> InflationaryFlow:
         """Read a flow written by :meth:`save`; never executes code from the file.
 
         Raises:
             FileNotFoundError: no such file.
             ValueError: a foreign, corrupt, truncated or newer-version file.
         """
-        record = _io.load_payload(path, "flow")
-        try:
-            basis = EigenBasis(**record["basis"])
-            dtype = basis.mean.dtype
-            sched = InflationSchedule(**record["schedule"]).to(dtype)
-            spec = record["denoiser"]
-            den = DENOISERS[spec["type"]]._from_saved(sched, basis.lam, spec["config"],
-                                                     spec["state"])
-            flow = cls(basis, den.to(dtype))
-            for name, value in flow.state_dict().items():
-                if value.is_floating_point() and not torch.isfinite(value).all():
-                    raise ValueError(f"non-finite values in {name}")
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError,
-                IndexError) as e:
-            raise ValueError(f"{path}: corrupt pyro_inflow flow file ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
-        flow.metadata = record.get("metadata", {})
-        return flow.requires_grad_(False).to(map_location)
+        return load_flow(cls, path, map_location)

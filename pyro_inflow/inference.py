@@ -5,8 +5,9 @@
 standard Normal site ``"{name}_base"`` of the latent dimension, and the data-space value
 ``x = decode(z)`` becomes a deterministic site ``name`` (a masked ``Delta``). Any Pyro
 algorithm then runs on the rewritten model: ``NUTS``, ``HMC``, ``SVI`` with any autoguide,
-``Predictive``, several chains. :func:`latent_nuts`, :func:`latent_svi` and
-:func:`posterior_samples` are short cuts for the common cases.
+``Predictive``, several chains. :func:`latent_nuts` and :func:`latent_svi` are
+short cuts for the common cases; :mod:`pyro_inflow.posterior` reads their draws in both
+coordinates.
 
 Example:
     >>> def model(y):
@@ -20,18 +21,21 @@ Example:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, autoguide
+from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO, autoguide
 from pyro.infer.reparam import TransformReparam
 
 from ._progress import tqdm
 from .distributions import InflationaryFlowPrior
 
-__all__ = ["reparam_flow_priors", "latent_nuts", "latent_svi", "posterior_samples"]
+__all__ = ["reparam_flow_priors", "latent_nuts", "latent_svi", "LatentSVI", "RecordingNUTS",
+           "is_flow_site", "max_plate_nesting", "GUIDES"]
 
 GUIDES = {
     "normal": autoguide.AutoNormal,
@@ -58,29 +62,27 @@ def reparam_flow_priors(model):
         model: a Pyro model (a callable).
 
     Returns:
-        The reparametrized model (``pyro.poutine.reparam`` with ``TransformReparam``).
+        The reparametrized model (``pyro.poutine.reparam`` with ``TransformReparam``). Applying
+        it twice changes nothing: the rewritten data-space site is observed, and the latent
+        site is a Normal, so the outer rewrite finds no flow prior left.
     """
-    if getattr(model, "_flow_reparam", False):
-        return model  # already rewritten
 
-    def config(msg):
+    def config(msg: dict) -> TransformReparam | None:
         if msg["is_observed"] or not _is_flow_prior(msg["fn"]):
             return None
         return TransformReparam()
 
-    reparam = poutine.reparam(model, config=config)
-    reparam._flow_reparam = True
-    return reparam
+    return poutine.reparam(model, config=config)
 
 
-def _is_rewritten_site(name, site, nodes) -> bool:
+def is_flow_site(name: str, site: dict, nodes: dict) -> bool:
     """A data-space site left by ``TransformReparam``: a masked ``Delta`` beside ``name_base``."""
     fn = site["fn"]
     return (f"{name}_base" in nodes and isinstance(fn, dist.MaskedDistribution)
             and isinstance(fn.base_dist, dist.Delta))
 
 
-class _RecordingNUTS(NUTS):
+class RecordingNUTS(NUTS):
     """Pyro's NUTS that also keeps per-draw sampler statistics for ArviZ's ``sample_stats``.
 
     After warm-up, each draw records ``diverging``, ``tree_depth``, ``n_steps`` (leapfrog
@@ -156,7 +158,7 @@ def latent_nuts(
     """
     if seed is not None:
         pyro.set_rng_seed(seed)
-    kernel = _RecordingNUTS(reparam_flow_priors(model), target_accept_prob=target_accept_prob,
+    kernel = RecordingNUTS(reparam_flow_priors(model), target_accept_prob=target_accept_prob,
                   max_tree_depth=max_tree_depth,
                   init_strategy=init_strategy or pyro.infer.autoguide.init_to_sample)
     with warnings.catch_warnings():  # "Chains will be drawn sequentially": documented above
@@ -168,17 +170,41 @@ def latent_nuts(
     return mcmc
 
 
+@dataclass
+class LatentSVI:
+    """A fitted :func:`latent_svi`: the guide, the model it fits, and the loss per step.
+
+    Calling it runs the guide (``result(*args)``), so it serves wherever a guide does
+    (``pyro.infer.Predictive(result.model, guide=result, ...)``);
+    :func:`~pyro_inflow.posterior_samples` and :func:`~pyro_inflow.to_inference_data` take it
+    directly.
+
+    Attributes:
+        guide: the fitted autoguide (its parameters are in Pyro's param store).
+        model: the reparametrized model it fits (:func:`reparam_flow_priors`).
+        losses: the ELBO loss of each step.
+    """
+
+    guide: Callable
+    model: Callable
+    losses: list[float] = field(default_factory=list)
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        """Run the guide."""
+        return self.guide(*args, **kwargs)
+
+
 def latent_svi(
-    model,
-    *args,
-    guide="multivariate_normal",
+    model: Callable,
+    *args: object,
+    guide: str | type | Callable = "multivariate_normal",
     num_steps: int = 2000,
     lr: float = 0.01,
     num_particles: int = 1,
     seed: int | None = 0,
     progress: bool = True,
-    **kwargs,
-):
+    **kwargs: object,
+) -> LatentSVI:
     """Fit an autoguide in the latent of every flow prior of ``model`` by SVI (Adam, ELBO).
 
     Args:
@@ -189,25 +215,31 @@ def latent_svi(
         num_steps, lr, num_particles: optimization settings: ``ClippedAdam`` with the
             learning rate decaying from ``lr`` to ``lr / 10``; several particles are
             vectorized (the model must broadcast over a leading batch dimension).
-        seed: ``pyro.set_rng_seed(seed)`` and a cleared param store first; ``None`` leaves
-            both alone.
+        seed: ``pyro.set_rng_seed(seed)`` first; ``None`` leaves the RNG alone.
         progress: a tqdm bar with the loss.
 
     Returns:
-        The fitted guide; its ``losses`` attribute holds the ELBO loss per step. Only the
-        guide's parameters are trained: the flow's weights are frozen.
+        A :class:`LatentSVI`: the fitted guide, the model and the losses. Only the guide's
+        parameters are trained (the flow's weights are frozen), and only they are touched in
+        Pyro's param store: a guide made here (``guide`` a name or a class) starts afresh,
+        removing stale parameters under its own prefix first; a guide instance you pass
+        continues from its current parameters. Other parameters in the store are left alone.
     """
     latent_model = reparam_flow_priors(model)
     if isinstance(guide, str):
         if guide not in GUIDES:
             raise ValueError(f"guide: expected one of {sorted(GUIDES)} or an autoguide, "
                              f"got {guide!r}")
-        guide = GUIDES[guide](latent_model)
-    elif isinstance(guide, type):
+        guide = GUIDES[guide]
+    if isinstance(guide, type):
         guide = guide(latent_model)
+        prefix = getattr(guide, "_pyro_name", None)  # PyroModule: params are "prefix.name"
+        if prefix:
+            store = pyro.get_param_store()
+            for name in [n for n in store.keys() if n.startswith(prefix + ".")]:
+                del store[name]
     if seed is not None:
         pyro.set_rng_seed(seed)
-        pyro.clear_param_store()
     # Adam whose learning rate decays 10x over the run, so the last iterates settle
     optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1.0 / max(num_steps, 1))})
     elbo = {"num_particles": num_particles, "vectorize_particles": num_particles > 1}
@@ -222,9 +254,7 @@ def latent_svi(
             losses.append(svi.step(*args, **kwargs))
             if step % 50 == 0 or step == num_steps - 1:
                 bar.set_postfix(loss=f"{losses[-1]:.4g}")
-    guide.losses = losses
-    guide.latent_model = latent_model  # autoguides keep an init-wrapped copy as guide.model
-    return guide
+    return LatentSVI(guide, latent_model, losses)
 
 
 def max_plate_nesting(nodes) -> int:
@@ -233,97 +263,3 @@ def max_plate_nesting(nodes) -> int:
                 for f in site["cond_indep_stack"] if f.dim is not None), default=0)
 
 
-def pad_for_plates(samples: dict[str, torch.Tensor], nodes) -> dict[str, torch.Tensor]:
-    """Draws ``(n, *site_shape)`` shaped ``(n, 1, ..., *site_shape)`` for vectorized runs.
-
-    Pyro's ``Predictive`` puts the draws' dimension left of every plate, but counts a site's
-    event dimensions as plate dimensions when it pads, which breaks a site with an event shape
-    (a flow prior's ``(d,)`` latent) outside the plates of a model that has some. Padding here
-    to ``max_plate_nesting - len(batch_shape)`` ones leaves ``Predictive`` nothing to pad.
-    """
-    nesting = max_plate_nesting(nodes)
-    out = {}
-    for name, v in samples.items():
-        site = nodes.get(name)
-        pad = nesting - len(site["fn"].batch_shape) if site is not None else 0
-        out[name] = v.reshape(v.shape[0], *[1] * pad, *v.shape[1:]) if pad > 0 else v
-    return out
-
-
-def _posterior_trace(fitted, args, kwargs, model, num_samples: int):
-    """One vectorized run of the reparametrized model over every posterior draw.
-
-    Returns ``(trace, nodes, names, chains, draws, args, kwargs)``: the vectorized trace, the
-    nodes of a plain trace (site shapes), the sites to report, and the model arguments used.
-    """
-    if isinstance(fitted, MCMC):
-        model = model or fitted.kernel.model
-        if not args and not kwargs:
-            args, kwargs = fitted._args, fitted._kwargs
-    elif callable(fitted):
-        model = model or getattr(fitted, "latent_model", None)
-        if model is None:
-            raise TypeError("posterior_samples: pass model= for a guide not made by latent_svi")
-    else:
-        raise TypeError(f"fitted: expected an MCMC or a guide, got {type(fitted).__name__}")
-    model = reparam_flow_priors(model)
-    with torch.no_grad():
-        nodes = poutine.trace(model).get_trace(*args, **kwargs).nodes
-    names = [name for name, site in nodes.items() if site["type"] == "sample" and (
-        not site["is_observed"] or site["infer"].get("_deterministic")
-        or _is_rewritten_site(name, site, nodes))]
-    if isinstance(fitted, MCMC):
-        grouped = fitted.get_samples(group_by_chain=True)
-        chains, draws = next(iter(grouped.values())).shape[:2]
-        latent = {k: v.reshape(chains * draws, *v.shape[2:]) for k, v in grouped.items()}
-    else:
-        chains, draws = 1, num_samples
-        with torch.no_grad():
-            guided = Predictive(fitted, num_samples=num_samples, parallel=True)(*args, **kwargs)
-        latent = {k: v.reshape(num_samples, *nodes[k]["value"].shape)
-                  for k, v in guided.items() if k in nodes}
-    with torch.no_grad():
-        trace = Predictive(model, posterior_samples=pad_for_plates(latent, nodes)
-                           ).get_vectorized_trace(*args, **kwargs)
-    return trace, nodes, names, chains, draws, args, kwargs
-
-
-def _per_draw(value: torch.Tensor, n: int, shape: torch.Size) -> torch.Tensor:
-    """A vectorized site value as ``(n, *shape)`` (expanded if it does not vary by draw)."""
-    value = value.detach()
-    if value.numel() == n * shape.numel():
-        return value.reshape(n, *shape)
-    return value.reshape(shape).expand(n, *shape)
-
-
-def posterior_samples(
-    fitted,
-    *args,
-    model=None,
-    num_samples: int = 1000,
-    group_by_chain: bool = False,
-    **kwargs,
-) -> dict[str, torch.Tensor]:
-    """Posterior draws in both coordinates: the latent sites and the data-space flow sites.
-
-    Args:
-        fitted: an ``MCMC`` run by :func:`latent_nuts` (or any MCMC on a
-            :func:`reparam_flow_priors` model), or a guide from :func:`latent_svi` (any
-            autoguide on such a model).
-        *args, **kwargs: the model's arguments (default for MCMC: those of its run).
-        model: the model, when it cannot be read from ``fitted`` (an autoguide not made by
-            :func:`latent_svi`); it is passed through :func:`reparam_flow_priors`.
-        num_samples: draws from a guide (MCMC returns all its draws).
-        group_by_chain: MCMC only: shape ``(chains, draws, ...)`` instead of ``(draws, ...)``.
-
-    Returns:
-        ``{site: tensor}`` with every latent site, every rewritten flow site ``name`` (data
-        space, ``(..., D)``) and every ``pyro.deterministic`` site.
-    """
-    trace, nodes, names, chains, draws, _, _ = _posterior_trace(fitted, args, kwargs, model,
-                                                                num_samples)
-    n = chains * draws
-    out = {k: _per_draw(trace.nodes[k]["value"], n, nodes[k]["value"].shape) for k in names}
-    if group_by_chain:
-        out = {k: v.reshape(chains, draws, *v.shape[1:]) for k, v in out.items()}
-    return out

@@ -25,9 +25,10 @@ class TimeEmbedding(nn.Module):
 
     freqs: Tensor
 
-    def __init__(self, num_frequencies: int = 3) -> None:
+    def __init__(self, num_frequencies: int = 3, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(num_frequencies))
+        self.register_buffer("freqs",
+                             math.pi * 2.0 ** torch.arange(num_frequencies, dtype=dtype))
         self.dim = 2 * num_frequencies + 1
 
     def forward(self, c: Tensor) -> Tensor:
@@ -42,20 +43,22 @@ class MLP(nn.Module):
         dim: data dimension ``D``. hidden: width. depth: number of hidden layers.
         num_frequencies: Fourier frequencies of the time embedding (3: the field stays smooth
             in time, so ODE solvers take long steps; see ``TrainConfig.num_frequencies``).
+        dtype: parameter dtype (default: torch's default dtype).
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, num_frequencies: int = 3):
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, num_frequencies: int = 3,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self._config = {"type": "mlp", "dim": dim, "hidden": hidden, "depth": depth,
                         "num_frequencies": num_frequencies}
         self.dim = dim
-        self.embed = TimeEmbedding(num_frequencies)
+        self.embed = TimeEmbedding(num_frequencies, dtype)
         layers: list[nn.Module] = []
         width = dim + self.embed.dim
         for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            layers += [nn.Linear(width, hidden, dtype=dtype), nn.SiLU()]
             width = hidden
-        out = nn.Linear(width, dim)
+        out = nn.Linear(width, dim, dtype=dtype)
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
         self.net = nn.Sequential(*layers, out)
@@ -84,22 +87,23 @@ class ResidualMLP(nn.Module):
         dim: data dimension ``D``. hidden: width. depth: number of residual blocks.
         num_frequencies: Fourier frequencies of the time embedding (3: the field stays smooth
             in time, so ODE solvers take long steps; see ``TrainConfig.num_frequencies``).
+        dtype: parameter dtype (default: torch's default dtype).
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, num_frequencies: int = 3):
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, num_frequencies: int = 3,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self._config = {"type": "residual_mlp", "dim": dim, "hidden": hidden, "depth": depth,
                         "num_frequencies": num_frequencies}
-        self.embed = TimeEmbedding(num_frequencies)
-        self.time = nn.Sequential(nn.Linear(self.embed.dim, hidden), nn.SiLU(),
-                                  nn.Linear(hidden, hidden))
-        self.inp = nn.Linear(dim, hidden)
+        self.embed = TimeEmbedding(num_frequencies, dtype)
+        self.time = nn.Sequential(nn.Linear(self.embed.dim, hidden, dtype=dtype), nn.SiLU(),
+                                  nn.Linear(hidden, hidden, dtype=dtype))
+        self.inp = nn.Linear(dim, hidden, dtype=dtype)
         self.blocks = nn.ModuleList(
-            nn.ModuleList([nn.Linear(hidden, hidden), nn.Linear(hidden, hidden),
-                           nn.Linear(hidden, hidden)])
+            nn.ModuleList([nn.Linear(hidden, hidden, dtype=dtype) for _ in range(3)])
             for _ in range(depth)
         )
-        self.out = nn.Linear(hidden, dim)
+        self.out = nn.Linear(hidden, dim, dtype=dtype)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -128,7 +132,8 @@ NETWORKS: dict[str, type[nn.Module]] = {"mlp": MLP, "residual_mlp": ResidualMLP}
 
 
 def build_network(type: str = "residual_mlp", **kwargs) -> nn.Module:
-    """Build a backbone by name; ``kwargs`` go to its constructor."""
+    """Build a backbone by name; ``kwargs`` (``dim``, ``hidden``, ``depth``,
+    ``num_frequencies``, ``dtype``) go to its constructor."""
     if type not in NETWORKS:
         raise ValueError(f"network: expected one of {sorted(NETWORKS)}, got {type!r}")
     return NETWORKS[type](**kwargs)

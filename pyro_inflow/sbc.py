@@ -18,7 +18,8 @@ Example:
 from __future__ import annotations
 
 import multiprocessing as mp
-from collections.abc import Callable, Sequence
+import queue
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,17 +28,14 @@ import torch
 from pyro import poutine
 from scipy import stats
 
+from . import _arviz
 from ._progress import tqdm
 from ._validation import check_positive_int
-from .inference import (
-    _is_rewritten_site,
-    latent_nuts,
-    latent_svi,
-    posterior_samples,
-    reparam_flow_priors,
-)
+from .calibration.plots import save_png
+from .inference import is_flow_site, latent_nuts, latent_svi, reparam_flow_priors
+from .posterior import posterior_samples
 
-__all__ = ["simulation_based_calibration", "SBCResult", "INTERVALS"]
+__all__ = ["simulation_based_calibration", "SBCResult", "plot_sbc", "INTERVALS"]
 
 #: Central-interval levels whose coverage SBC reports.
 INTERVALS = (0.5, 0.8, 0.95)
@@ -118,7 +116,7 @@ def _simulate(latent_model, args, kwargs):
     for name, site in nodes.items():
         if site["type"] != "sample":
             continue
-        if site["infer"].get("_deterministic") or _is_rewritten_site(name, site, nodes):
+        if site["infer"].get("_deterministic") or is_flow_site(name, site, nodes):
             truth[name] = site["value"].detach()
         elif site["infer"].get("was_observed"):  # an observation, simulated
             observed[name] = site["value"].detach()
@@ -132,7 +130,7 @@ def _observed_names(latent_model, args, kwargs) -> set[str]:
         tr = poutine.trace(latent_model).get_trace(*args, **kwargs)
     nodes = tr.nodes
     return {n for n, s in nodes.items() if s["type"] == "sample" and s["is_observed"]
-            and not s["infer"].get("_deterministic") and not _is_rewritten_site(n, s, nodes)}
+            and not s["infer"].get("_deterministic") and not is_flow_site(n, s, nodes)}
 
 
 def _run_inference(inference, model, args, kwargs, L: int, options: dict):
@@ -169,12 +167,50 @@ def _one(i: int, job: dict) -> dict[str, np.ndarray]:
     return out
 
 
-_JOB: dict = {}  # the job of the worker processes (inherited by fork, never pickled)
+def _worker(job: dict, indices: range, results: mp.Queue) -> None:
+    """A forked process: simulations ``indices`` of ``job`` on one thread; each result (or
+    the error that stopped it) goes to ``results`` as ``(i, ranks or None, error or None)``."""
+    torch.set_num_threads(1)  # this process's own setting: 2 workers share the cores
+    for i in indices:
+        try:
+            results.put((i, _one(i, job), None))
+        except Exception as e:  # reported in the parent, which raises it
+            results.put((i, None, f"{type(e).__name__}: {e}"))
+            return
 
 
-def _worker(i: int) -> dict[str, np.ndarray]:
-    torch.set_num_threads(1)
-    return _one(i, _JOB)
+def _run_forked(job: dict, num_simulations: int, num_workers: int, bar: tqdm) -> list[dict]:
+    """The simulations in ``num_workers`` forked processes (the job is inherited by the fork,
+    never pickled), in the order of their index."""
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(job, range(k, num_simulations, num_workers),
+                                               results), daemon=True)
+             for k in range(num_workers)]
+    for proc in procs:
+        proc.start()
+    out: dict[int, dict] = {}
+    try:
+        while len(out) < num_simulations:
+            try:
+                i, ranks, error = results.get(timeout=5.0)
+            except queue.Empty:
+                if any(proc.is_alive() for proc in procs):
+                    continue
+                raise RuntimeError(f"simulation_based_calibration: the worker processes ended "
+                                   f"after {len(out)} of {num_simulations} simulations without "
+                                   f"an error report (killed?); try num_workers=1") from None
+            if error is not None:
+                raise RuntimeError(f"simulation_based_calibration: simulation {i} failed in a "
+                                   f"worker process: {error}")
+            out[i] = ranks
+            bar.update()
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+    return [out[i] for i in range(num_simulations)]
 
 
 def simulation_based_calibration(
@@ -220,7 +256,7 @@ def simulation_based_calibration(
 
     Returns:
         An :class:`SBCResult`; ``result.table()`` prints it,
-        :func:`~pyro_inflow.diagnostics.plot_sbc` plots it.
+        :func:`plot_sbc` plots it.
     """
     num_simulations = check_positive_int(num_simulations, "num_simulations", minimum=2)
     L = check_positive_int(num_posterior_samples, "num_posterior_samples")
@@ -244,15 +280,7 @@ def simulation_based_calibration(
     bar = tqdm(total=num_simulations, desc=f"SBC {label}", disable=not progress, leave=False)
     results: list[dict] = []
     if num_workers > 1 and "fork" in mp.get_all_start_methods():
-        global _JOB
-        _JOB = job
-        try:
-            with mp.get_context("fork").Pool(num_workers) as pool:
-                for r in pool.imap(_worker, range(num_simulations)):
-                    results.append(r)
-                    bar.update()
-        finally:
-            _JOB = {}
+        results = _run_forked(job, num_simulations, num_workers, bar)
     else:
         for i in range(num_simulations):
             results.append(_one(i, job))
@@ -279,3 +307,47 @@ def simulation_based_calibration(
     return SBCResult(label=label, num_simulations=num_simulations, num_posterior_samples=L,
                      ranks=ranks, pit=pit, pvalues=pvalues, coverage=coverage, alpha=alpha,
                      groups=groups)
+
+
+def plot_sbc(results: Mapping[str, object] | Sequence[object], path=None, *,
+             max_parameters: int = 6):
+    """Rank-ECDF differences with 95 % simultaneous bands, one column per SBC result.
+
+    Args:
+        results: :class:`SBCResult` objects, or ``{label: result}``; shown
+            side by side (e.g. NUTS in the latent beside mean-field SVI).
+        path: write a PNG here (atomically); ``None`` returns the figure only.
+        max_parameters: rows: the first parameters (scalar components) of each result.
+
+    Returns:
+        The matplotlib figure. A calibrated posterior stays inside the band. Overconfidence
+        (ranks piled at both ends) shows as a difference above zero left of 0.5 and below
+        zero right of it; underconfidence as the reverse; a biased posterior as one sign.
+    """
+    import matplotlib.pyplot as plt  # a pyplot figure: shown inline in notebooks
+
+    if not isinstance(results, Mapping):
+        results = {r.label: r for r in results}
+    labels = list(results)
+    names = list(next(iter(results.values())).pit)[:max_parameters]
+    fig, axes = plt.subplots(len(names), len(labels), squeeze=False, sharex=True,
+                             figsize=(3.6 * len(labels), 2.1 * len(names) + 0.6),
+                             constrained_layout=True)
+    for j, label in enumerate(labels):
+        res = results[label]
+        for i, name in enumerate(names):
+            ax = axes[i, j]
+            _arviz.plot_ecdf_difference(res.pit[name], ax)
+            cov95 = res.coverage[name][-1]
+            ax.set_title(f"{label}: {name}\nKS p={res.pvalues[name]:.2g}, "
+                         f"95% cover {cov95:.2f}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if i == len(names) - 1:
+                ax.set_xlabel("fractional rank", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("ECDF - uniform", fontsize=8)
+    fig.suptitle(f"SBC: {next(iter(results.values())).num_simulations} simulations, "
+                 "95 % simultaneous bands", fontsize=10)
+    if path is not None:
+        save_png(fig, path)
+    return fig

@@ -8,7 +8,10 @@ the data covariance is ``diag(lam)`` with ``max(lam) == 1``. Per eigen-dimension
 * PR-reducing (``"prr"``) to ``d`` kept dimensions: ``g_i = 1`` for the top ``d`` directions and
   ``g_i = -d / (D - d)`` for the others (so ``sum(g) = 0``), or ``g_i = -inflation_gap`` for the
   compressed dimensions (the paper's constant inflation-gap variant);
-* scale ``s(t) = A0 / sqrt(lam_max + gamma0 * exp(rho * (1 + g_max) * t))``.
+* total variance ``sigma_i(t) = lam_i + gamma_i(t)`` of the noisy coordinate ``ut_i``.
+
+The paper's scale ``s(t)`` (its scaled variable ``v = s ut``) is not needed: the flow integrates
+the standardized state ``ut / sqrt(sigma(t))`` instead (:mod:`pyro_inflow.pfode`).
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["InflationSchedule", "SCHEDULES"]
+__all__ = ["InflationSchedule", "SCHEDULES", "SCHEDULE_OPTIONS", "as_time"]
 
 SCHEDULES = ("prp", "prr")
+#: Keyword options of :class:`InflationSchedule` that the flow constructors pass through.
+SCHEDULE_OPTIONS = ("inflation_gap", "gamma0", "rho", "t_max", "tol")
 
 
-def _as_time(t: float | Tensor, like: Tensor) -> Tensor:
+def as_time(t: float | Tensor, like: Tensor) -> Tensor:
+    """``t`` as a tensor of ``like``'s dtype and device (a scalar or ``(*)`` times)."""
     return torch.as_tensor(t, dtype=like.dtype, device=like.device)
 
 
@@ -41,7 +47,6 @@ class InflationSchedule(nn.Module):
         gamma0: noise variance at ``t = 0`` (scaled units; the flow's ``t = 0`` marginal is the
             data convolved with ``N(0, gamma0 I)``).
         rho: exponential growth rate of the noise.
-        A0: the scale ``s(t)`` tends to ``A0 / sqrt(gamma_max(t))``.
         t_max: end time ``T``. ``None`` chooses it with :meth:`auto_t_max`.
         lam: eigenvalues of the data covariance ``(D,)``, descending, ``max == 1``; used only to
             choose ``t_max`` (``None`` assumes the worst case).
@@ -66,7 +71,6 @@ class InflationSchedule(nn.Module):
         inflation_gap: float | None = None,
         gamma0: float = 5e-4,
         rho: float = 1.0,
-        A0: float = 1.0,
         t_max: float | None = None,
         lam: Sequence[float] | Tensor | None = None,
         tol: float = 1e-4,
@@ -95,14 +99,14 @@ class InflationSchedule(nn.Module):
                     f"got {dims_to_keep}"
                 )
             dims_to_keep = int(dims_to_keep)
-        for name, value in (("gamma0", gamma0), ("rho", rho), ("A0", A0), ("tol", tol)):
+        for name, value in (("gamma0", gamma0), ("rho", rho), ("tol", tol)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}: expected a finite positive number, got {value}")
         if not tol < 1:
             raise ValueError(f"tol: expected a number in (0, 1), got {tol}")
         self.dim, self.schedule, self.dims_to_keep = dim, schedule, dims_to_keep
         self.inflation_gap = None if inflation_gap is None else float(inflation_gap)
-        self.gamma0, self.rho, self.A0, self.tol = float(gamma0), float(rho), float(A0), float(tol)
+        self.gamma0, self.rho, self.tol = float(gamma0), float(rho), float(tol)
         g = [0.0] * dim
         if schedule == "prr":
             d = dims_to_keep
@@ -135,25 +139,15 @@ class InflationSchedule(nn.Module):
 
     def gamma(self, t: float | Tensor) -> Tensor:
         """Noise variance ``gamma(t)``; ``t`` of shape ``(*)`` gives ``(*, D)``."""
-        t = _as_time(t, self.g)
+        t = as_time(t, self.g)
         return self.gamma0 * torch.exp(t.unsqueeze(-1) * self.rate)
 
-    def gamma_dot(self, t: float | Tensor) -> Tensor:
-        """``d gamma / dt = rho (1 + g) gamma(t)``, shape ``(*, D)``."""
-        return self.rate * self.gamma(t)
+    def sigma(self, t: float | Tensor, lam: Tensor) -> Tensor:
+        """Total variance ``lam + gamma(t)`` of the noisy eigen-coordinates, ``(*t, D)``.
 
-    def s(self, t: float | Tensor, lam_max: float = 1.0) -> Tensor:
-        """Scale ``s(t) = A0 / sqrt(lam_max + gamma0 exp(rho (1 + g_max) t))``, shape ``(*)``."""
-        t = _as_time(t, self.g)
-        gm = self.gamma0 * torch.exp(self.rho * (1.0 + self.g.max()) * t)
-        return self.A0 / torch.sqrt(lam_max + gm)
-
-    def s_dot(self, t: float | Tensor, lam_max: float = 1.0) -> Tensor:
-        """``ds/dt = -0.5 A0 rho (1 + g_max) gamma_max(t) (lam_max + gamma_max(t))^(-3/2)``."""
-        t = _as_time(t, self.g)
-        r = self.rho * (1.0 + self.g.max())
-        gm = self.gamma0 * torch.exp(r * t)
-        return -0.5 * self.A0 * r * gm * (lam_max + gm) ** -1.5
+        ``sigma*`` of the preconditioning (paper Eq. 10) and the standardizer of the pfODE state.
+        """
+        return lam + self.gamma(t)
 
     # ------------------------------------------------------------------ choosing T
     def auto_t_max(self, lam: Sequence[float] | Tensor | None = None) -> float:
@@ -211,7 +205,6 @@ class InflationSchedule(nn.Module):
             "inflation_gap": self.inflation_gap,
             "gamma0": self.gamma0,
             "rho": self.rho,
-            "A0": self.A0,
             "t_max": self.t_max,
             "tol": self.tol,
         }

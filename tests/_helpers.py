@@ -4,6 +4,8 @@ import os
 
 import torch
 
+from pyro_inflow import InflationaryFlow
+
 
 def random_mixture(K: int, D: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
@@ -28,3 +30,16 @@ class Evil:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def gaussian_flow_and_law(D, seed=0):
+    """An exact Gaussian flow of dimension ``D`` and its t = 0 law (a MultivariateNormal)."""
+    gen = torch.Generator().manual_seed(seed)
+    B = torch.randn(D, D, generator=gen, dtype=torch.float64)
+    S = B @ B.T / D + 0.3 * torch.eye(D, dtype=torch.float64)
+    m = torch.randn(D, generator=gen, dtype=torch.float64)
+    flow = InflationaryFlow.from_gaussian_mixture(torch.ones(1, dtype=torch.float64), m[None],
+                                                  S[None])
+    # the flow's t = 0 marginal: the Gaussian plus gamma0 noise in scaled units
+    S0 = S + flow.schedule.gamma0 * flow.basis.scale**2 * torch.eye(D, dtype=torch.float64)
+    return flow, torch.distributions.MultivariateNormal(m, S0)

@@ -1,12 +1,8 @@
 import torch
 from _helpers import random_mixture
 
-from pyro_inflow import (
-    EmpiricalDenoiser,
-    GaussianMixtureDenoiser,
-    InflationSchedule,
-    PreconditionedDenoiser,
-)
+from pyro_inflow import EmpiricalDenoiser, GaussianMixtureDenoiser, InflationSchedule
+from pyro_inflow.denoisers import PreconditionedDenoiser
 from pyro_inflow.networks import MLP, ResidualMLP
 
 

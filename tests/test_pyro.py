@@ -7,10 +7,10 @@ import pyro.distributions as dist
 import pytest
 import torch
 from _helpers import random_mixture
-from torch import nn
 
 import pyro_inflow as pif
-from pyro_inflow import InflationaryFlow, InflationaryFlowTransform, SolverError
+from pyro_inflow import InflationaryFlow, SolverError
+from pyro_inflow.denoisers import Denoiser
 
 # a correlated 3-D Gaussian prior and a rank-deficient linear observation y = A x + noise
 F64 = torch.float64
@@ -60,60 +60,7 @@ def linear_model(prior):
     return model
 
 
-# ---------------------------------------------------------------- the Transform contract
-def test_inverse_of_call_is_identity_and_cache_returns_the_same_object():
-    flow = mixture_flow()
-    t = InflationaryFlowTransform(flow, cache_size=0, method="dopri5", rtol=1e-9)
-    z = torch.randn(6, 3)
-    assert torch.allclose(t.inv(t(z)), z, atol=1e-6)
-    cached = InflationaryFlowTransform(flow, method="dopri5", rtol=1e-9)
-    x = cached(z)
-    assert cached.inv(x) is z  # no solve: Pyro's cache
-    assert cached.with_cache(0)._cache_size == 0 and cached.with_cache(1) is cached
-
-
-def test_log_abs_det_jacobian_matches_autograd_jacobian():
-    flow = mixture_flow(seed=1)
-    t = InflationaryFlowTransform(flow, cache_size=0, method="dopri5", rtol=1e-10)
-    for z in torch.randn(3, 3):
-        jac = torch.autograd.functional.jacobian(t, z)
-        expected = torch.linalg.slogdet(jac)[1]
-        assert torch.allclose(t.log_abs_det_jacobian(z, t(z)), expected, atol=1e-6)
-
-
-def test_shapes_with_batch_dimensions():
-    t = InflationaryFlowTransform(mixture_flow(), method="dopri5", rtol=1e-6)
-    z = torch.randn(4, 5, 3)
-    x = t(z)
-    assert x.shape == (4, 5, 3)
-    assert t.log_abs_det_jacobian(z, x).shape == (4, 5)
-    assert t.inv(x.clone()).shape == (4, 5, 3)
-    prr = InflationaryFlowTransform(mixture_flow(schedule="prr", dims_to_keep=2))
-    assert prr.forward_shape((7, 2)) == (7, 3) and prr.inverse_shape((7, 3)) == (7, 2)
-    assert prr(torch.randn(2, 7, 2)).shape == (2, 7, 3)
-    with pytest.raises(ValueError, match=r"shape \(\*, 2\).*got shape \(7, 3\)"):
-        prr(torch.randn(7, 3))
-    with pytest.raises(ValueError, match="no square Jacobian"):
-        prr.log_abs_det_jacobian(torch.randn(2), torch.randn(3))
-
-
-def test_decode_gradcheck_direct_and_adjoint():
-    w, m, S = random_mixture(2, 2, seed=3)
-    flow = InflationaryFlow.from_gaussian_mixture(w, m, S)
-    z = torch.randn(3, 2, requires_grad=True)
-    # a fixed-step solver is a smooth function of its input: finite differences agree exactly
-    t = InflationaryFlowTransform(flow, cache_size=0, method="rk4", step_size=0.25)
-    assert torch.autograd.gradcheck(t, (z,))
-    # adaptive solves: direct backpropagation and the adjoint agree to the tolerance
-    direct = torch.autograd.grad(
-        InflationaryFlowTransform(flow, cache_size=0, method="dopri5", rtol=1e-9)(z)
-        .square().sum(), z)[0]
-    adjoint = torch.autograd.grad(
-        InflationaryFlowTransform(flow, cache_size=0, rtol=1e-9, adjoint=True)(z)
-        .square().sum(), z)[0]
-    assert torch.allclose(direct, adjoint, atol=1e-6)
-
-
+# ---------------------------------------------------------------- the prior
 def test_weights_are_frozen_and_no_param_leaks():
     data = pif.datasets.load("moons", n=500, seed=0)
     flow = InflationaryFlow.fit(data, steps=3, progress=False, hidden=16, depth=1)
@@ -124,15 +71,27 @@ def test_weights_are_frozen_and_no_param_leaks():
         x = pyro.sample("x", flow.prior())
         pyro.sample("y", dist.Normal(x.sum(-1), 0.5), obs=torch.tensor(0.3, dtype=flow.dtype))
 
-    guide = pif.latent_svi(model, guide="normal", num_steps=5, progress=False)
+    fit = pif.latent_svi(model, guide="normal", num_steps=5, progress=False)
     assert all(not p.requires_grad and p.grad is None for p in flow.parameters())
     assert all(torch.equal(before[k], v) for k, v in flow.state_dict().items())
     names = list(pyro.get_param_store().keys())
     assert names and all(n.startswith("AutoNormal") for n in names)
-    assert len(guide.losses) == 5
+    assert len(fit.losses) == 5 and all(math.isfinite(v) for v in fit.losses)
 
 
-# ---------------------------------------------------------------- the prior
+def test_latent_svi_keeps_the_users_params_and_starts_its_own_guide_afresh():
+    flow = gaussian_flow()
+    model = linear_model(exact_prior(flow))
+    mine = pyro.param("my_scale", torch.tensor(2.5))
+    first = pif.latent_svi(model, Y, guide="normal", num_steps=20, progress=False)
+    trained = {k: v.detach().clone() for k, v in pyro.get_param_store().items()
+               if k.startswith("AutoNormal.")}
+    second = pif.latent_svi(model, Y, guide="normal", num_steps=1, lr=1e-9, progress=False)
+    assert pyro.param("my_scale") is mine and float(mine.detach()) == 2.5  # untouched, twice
+    # the second guide starts from its own initial values, not the first guide's
+    store = pyro.get_param_store()
+    assert not torch.allclose(store["AutoNormal.locs.x_base"], trained["AutoNormal.locs.x_base"])
+    assert first.guide is not second.guide and second.model is not None
 def test_prior_log_prob_and_shapes():
     flow = mixture_flow()
     prior = flow.prior(method="dopri5", rtol=1e-8)
@@ -175,7 +134,7 @@ def test_hutchinson_prior_log_prob_is_deterministic():
 def test_solver_nan_names_the_time():
     base = gaussian_flow()
 
-    class Broken(nn.Module):
+    class Broken(Denoiser):
         def __init__(self, schedule):
             super().__init__()
             self.schedule = schedule
@@ -191,6 +150,48 @@ def test_solver_nan_names_the_time():
 
 
 # ---------------------------------------------------------------- latent inference
+def test_latent_potential_is_the_data_potential_minus_the_log_det():
+    """Pyro's reparam, exactly: for z in the latent and x = decode(z), the log-joint of the
+    rewritten model is that of the original model at x plus log |det dx/dz|."""
+    flow = mixture_flow(D=3, K=2, seed=1)
+    prior = flow.prior(method="dopri5", rtol=1e-10)
+    model = linear_model(prior)
+    latent = pif.reparam_flow_priors(model)
+    for z in torch.randn(3, 3):
+        tr = pyro.poutine.trace(pyro.condition(latent, {"x_base": z})).get_trace(Y)
+        twice = pyro.poutine.trace(pyro.condition(pif.reparam_flow_priors(latent),
+                                                  {"x_base": z})).get_trace(Y)
+        x = tr.nodes["x"]["value"]
+        data = pyro.poutine.trace(pyro.condition(model, {"x": x})).get_trace(Y)
+        ladj = prior.transform.log_abs_det_jacobian(z, x)
+        assert torch.allclose(tr.log_prob_sum(), data.log_prob_sum() + ladj, atol=1e-6)
+        assert torch.allclose(twice.log_prob_sum(), tr.log_prob_sum(), atol=1e-12)
+        assert abs(float(ladj)) > 0.1  # a curved flow: the identity is not trivially met
+
+
+def test_latent_nuts_and_svi_smoke():
+    """The fast level: a few NUTS draws and SVI steps run with the default prior of a small
+    trained flow (an exact mixture's denoiser costs 1 ms an evaluation, a small network 0.1)."""
+    data = pif.datasets.load("s_curve", n=500, seed=0)
+    flow = InflationaryFlow.fit(data, steps=3, progress=False, hidden=16, depth=1)
+    model = linear_model(flow.double().prior())
+    mcmc = pif.latent_nuts(model, Y, num_samples=10, warmup_steps=10, max_tree_depth=4,
+                           progress=False)
+    draws = pif.posterior_samples(mcmc)
+    assert draws["x"].shape == (10, 3) and draws["x_base"].shape == (10, 3)
+    assert torch.isfinite(draws["x"]).all()
+    fit = pif.latent_svi(model, Y, guide="normal", num_steps=10, progress=False)
+    assert len(fit.losses) == 10 and all(math.isfinite(v) for v in fit.losses)
+    assert pif.posterior_samples(fit, Y, num_samples=7)["x"].shape == (7, 3)
+
+
+def _ess(values):
+    import arviz as az
+
+    return float(az.ess(values.numpy()[None]))
+
+
+@pytest.mark.slow
 def test_latent_nuts_reproduces_the_linear_gaussian_posterior():
     flow = gaussian_flow()
     mean, cov = closed_form_posterior(flow)
@@ -199,13 +200,19 @@ def test_latent_nuts_reproduces_the_linear_gaussian_posterior():
     x = pif.posterior_samples(mcmc)["x"]
     assert x.shape == (500, 3)
     sd = cov.diag().sqrt()
-    # Monte Carlo error of 500 nearly independent draws: sd / sqrt(500) = 0.045 sd
-    assert ((x.mean(0) - mean).abs() / sd).max() < 0.2
-    assert torch.allclose(x.var(0) / cov.diag(), torch.ones(3), atol=0.25)
-    assert torch.allclose(torch.corrcoef(x.T), cov / sd[:, None] / sd, atol=0.12)
+    for i in range(3):
+        # the bounds follow the chain's own effective sample size: 4 Monte Carlo standard
+        # errors (the draws are autocorrelated: ESS 120-360 of 500 over seeds 0-3)
+        ess_mean = _ess(x[:, i])
+        ess_var = _ess((x[:, i] - mean[i]).square())
+        assert ess_mean > 50 and ess_var > 50  # the chain mixes
+        assert abs(x[:, i].mean() - mean[i]) / sd[i] < 4 / ess_mean**0.5
+        assert abs(x[:, i].var() / cov[i, i] - 1) < 4 * (2 / ess_var) ** 0.5
+    assert torch.allclose(torch.corrcoef(x.T), cov / sd[:, None] / sd, atol=0.15)
     assert mcmc.diagnostics()["divergences"]["chain 0"] == []
 
 
+@pytest.mark.slow
 def test_latent_svi_full_rank_matches_and_mean_field_is_overconfident():
     flow = gaussian_flow()
     mean, cov = closed_form_posterior(flow)
@@ -254,10 +261,10 @@ def test_prr_prior_with_nuts_stays_on_the_manifold():
         x = pyro.sample("x", flow.prior(method="dopri5", rtol=1e-4))
         pyro.sample("y", dist.Normal(x[..., 0] + x[..., 1], 0.3), obs=y)
 
-    mcmc = pif.latent_nuts(model, torch.tensor(0.5), num_samples=40, warmup_steps=40,
-                           progress=False)
+    mcmc = pif.latent_nuts(model, torch.tensor(0.5), num_samples=10, warmup_steps=10,
+                           max_tree_depth=4, progress=False)
     x = pif.posterior_samples(mcmc)["x"]
-    assert x.shape == (40, 3) and mcmc.get_samples()["x_base"].shape == (40, 2)
+    assert x.shape == (10, 3) and mcmc.get_samples()["x_base"].shape == (10, 2)
     # on the manifold: the compressed coordinates of the full latent vanish
     w = flow.encode_full(x, rtol=1e-8)
     assert w[:, 2].abs().max() < 1e-3 and w[:, :2].abs().max() > 0.1

@@ -16,7 +16,7 @@ from _helpers import random_mixture
 
 from pyro_inflow import InflationaryFlow, _io, datasets
 from pyro_inflow.denoisers import PreconditionedDenoiser
-from pyro_inflow.training import TrainingDiverged, fit
+from pyro_inflow.training import TrainingDiverged
 
 
 def _wait_for(path, proc, seconds=120.0):
@@ -63,6 +63,7 @@ def test_kill_during_save_keeps_the_previous_file(tmp_path):
     torch.testing.assert_close(back.decode(z), old.decode(z))
 
 
+@pytest.mark.slow  # three CLI trainings in subprocesses per signal
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_cli_training_saves_a_checkpoint_that_resumes_exactly(tmp_path, signum):
     np.save(tmp_path / "data.npy", datasets.load("moons", n=2000, seed=0).numpy())
@@ -97,7 +98,7 @@ def test_signal_during_cli_training_saves_a_checkpoint_that_resumes_exactly(tmp_
 def test_diverging_training_stops_and_keeps_the_last_good_weights(tmp_path, monkeypatch):
     """A NaN loss at step 8: the step is not applied; the flow and checkpoint are step 7's."""
     data = datasets.load("moons", n=500, seed=0)
-    clean = fit(data, steps=7, eval_every=1, progress=False)
+    clean = InflationaryFlow.fit(data, steps=7, eval_every=1, progress=False)
     original, calls = PreconditionedDenoiser.loss, {"n": 0}
 
     def poisoned(self, u, t, eps, network=None):
@@ -110,7 +111,7 @@ def test_diverging_training_stops_and_keeps_the_last_good_weights(tmp_path, monk
     monkeypatch.setattr(PreconditionedDenoiser, "loss", poisoned)
     ckpt = tmp_path / "run.ckpt"
     with pytest.raises(TrainingDiverged, match="training diverged at step 8") as info:
-        fit(data, steps=20, eval_every=1, progress=False, checkpoint=ckpt)
+        InflationaryFlow.fit(data, steps=20, eval_every=1, progress=False, checkpoint=ckpt)
     err = info.value
     assert err.step == 7 and "last good weights (after step 7)" in str(err)
     assert str(ckpt) in str(err)

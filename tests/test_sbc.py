@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import pyro_inflow as pif
-from pyro_inflow.diagnostics import plot_sbc
-from pyro_inflow.sbc import simulation_based_calibration
+from pyro_inflow.sbc import plot_sbc, simulation_based_calibration
 
 matplotlib.use("Agg")
 F64 = torch.float64
@@ -79,29 +78,42 @@ def flow_model():
     return model
 
 
-def run_pair(num_simulations: int, num_workers: int = 1, thin: int = 2):
+def run_pair(num_simulations: int, num_workers: int = 1, thin: int = 2, warmup: int = 100,
+             svi_steps: int = 400):
     model, y = flow_model(), torch.zeros(1, dtype=F64)
     nuts = simulation_based_calibration(
         model, y, num_simulations=num_simulations, num_posterior_samples=50,
-        inference_kwargs={"warmup_steps": 100, "thin": thin}, num_workers=num_workers,
+        inference_kwargs={"warmup_steps": warmup, "thin": thin}, num_workers=num_workers,
         progress=False)
     svi = simulation_based_calibration(
         model, y, num_simulations=num_simulations, num_posterior_samples=50, inference="svi",
-        inference_kwargs={"guide": "normal", "num_steps": 400, "lr": 0.05},
+        inference_kwargs={"guide": "normal", "num_steps": svi_steps, "lr": 0.05},
         num_workers=num_workers, progress=False)
     return nuts, svi
 
 
+def test_sbc_of_latent_inference_smoke(tmp_path):
+    """The fast level: both inferences run in forked workers, ranks in range, a plot file."""
+    nuts, svi = run_pair(num_simulations=2, num_workers=2, thin=1, warmup=20, svi_steps=20)
+    assert set(nuts.groups) == {"x", "x_base"} and len(nuts.pit) == 6
+    assert all(0 <= r.min() and r.max() <= 50 for r in nuts.ranks.values())
+    assert svi.label == "svi (normal)" and set(svi.groups) == {"x", "x_base"}
+    fig = plot_sbc([nuts, svi], tmp_path / "sbc.png")
+    titles = [ax.get_title() for ax in fig.axes]  # rows: parameters, columns: inferences
+    first = next(iter(nuts.pit))
+    assert titles[0].startswith(f"nuts: {first}\n")
+    assert titles[1].startswith(f"svi (normal): {first}\n")
+    assert f"KS p={nuts.pvalues[first]:.2g}" in titles[0] and len(titles) == 2 * 6
+    assert (tmp_path / "sbc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
 def test_latent_nuts_is_calibrated_and_mean_field_svi_is_not():
     # unthinned draws (a harder test of the ranks than the default thin=2) keep this short
     nuts, svi = run_pair(num_simulations=20, num_workers=2, thin=1)
-    assert set(nuts.groups) == {"x", "x_base"} and len(nuts.pit) == 6
     assert nuts.passed
     assert nuts.pooled_coverage(nuts.groups["x"])[-1] >= 0.85
-    assert svi.label == "svi (normal)"
     assert svi.pooled_coverage(svi.groups["x"])[-1] < 0.9  # overconfident
-    fig = plot_sbc([nuts, svi])
-    assert len(fig.axes) == 2 * 6
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ import warnings
 import pytest
 import torch
 
-from pyro_inflow import EigenBasis, InflationSchedule
+from pyro_inflow import InflationSchedule
+from pyro_inflow.basis import EigenBasis
 
 
 @pytest.mark.parametrize(
@@ -24,16 +25,17 @@ def test_g_per_schedule(dim, kind, d, gap, expected):
         assert float(s.g.sum()) == pytest.approx(0.0, abs=1e-12)  # PR-reducing keeps sum(g)=0
 
 
-def test_gamma_s_and_derivatives_match_closed_forms_and_finite_differences():
-    s = InflationSchedule(3, "prr", 2, gamma0=1e-3, rho=0.7, A0=2.0, t_max=10.0)
+def test_gamma_rate_and_sigma_match_closed_forms_and_finite_differences():
+    s = InflationSchedule(3, "prr", 2, gamma0=1e-3, rho=0.7, t_max=10.0)
     t = torch.tensor([0.0, 1.3, 4.0])
     gamma = s.gamma(t)
     assert gamma.shape == (3, 3)
     assert torch.allclose(gamma, 1e-3 * torch.exp(0.7 * (1 + s.g) * t[:, None]))
-    h = 1e-6
-    assert torch.allclose(s.gamma_dot(t), (s.gamma(t + h) - s.gamma(t - h)) / (2 * h), rtol=1e-6)
-    assert torch.allclose(s.s(t), 2.0 / torch.sqrt(1 + 1e-3 * torch.exp(0.7 * 2 * t)))
-    assert torch.allclose(s.s_dot(t), (s.s(t + h) - s.s(t - h)) / (2 * h), rtol=1e-6)
+    h = 1e-6  # the rate is d log gamma / dt, the constant the pfODE uses
+    assert torch.allclose((s.gamma(t + h).log() - s.gamma(t - h).log()) / (2 * h),
+                          s.rate.expand(3, 3), rtol=1e-6)
+    lam = torch.tensor([1.0, 0.5, 0.1])
+    assert torch.allclose(s.sigma(t, lam), lam + gamma)
 
 
 def test_auto_t_max_prp_rule_is_tight():

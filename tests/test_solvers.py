@@ -7,16 +7,9 @@ import torch
 from _helpers import mixture_distribution, random_mixture
 
 from pyro_inflow import InflationaryFlow, SolverError
-from pyro_inflow.ode import WARPED_STEPS, solve
-
-
-def euler(flow, w, t0, t1, h=0.01):
-    """The authors' fixed-step Euler in t with step h (their toys: h = 0.01)."""
-    n = round(abs(t1 - t0) / h)
-    ts = torch.linspace(t0, t1, n + 1, dtype=w.dtype)
-    for k in range(n):
-        w = w + flow.field(ts[k], w) * (ts[k + 1] - ts[k])
-    return w, n
+from pyro_inflow.examples.problems import authors_euler
+from pyro_inflow.solvers import SOLVERS, WARPED_STEPS, solve
+from pyro_inflow.solvers.warped import warped_rk4
 
 
 def _against_euler(flow, x):
@@ -26,10 +19,10 @@ def _against_euler(flow, x):
     T = flow.schedule.t_max
     rms = lambda a, b: (a - b).square().sum(-1).mean().sqrt()  # noqa: E731
     with torch.no_grad():
-        w0 = flow.basis.to_eigen(x) / flow._sigma0_root()
+        w0 = flow.to_state(x)
         ref = solve(flow.field, w0, 0.0, T, rtol=1e-10)[0]
-        we, n_enc = euler(flow, w0, 0.0, T)
-        back_e, n_dec = euler(flow, we, T, 0.0)
+        we, n_enc = authors_euler(flow.field, w0, 0.0, T)
+        back_e, n_dec = authors_euler(flow.field, we, T, 0.0)
         wr, _, enc = solve(flow.field, w0, 0.0, T, method="warped_rk4")
         back_r, _, dec = solve(flow.field, wr, T, 0.0, method="warped_rk4")
     per_point = (wr - ref).square().mean(-1).sqrt()
@@ -71,14 +64,15 @@ def test_error_budget_doubles_the_steps_or_raises(mixture2):
     flow = InflationaryFlow.from_gaussian_mixture(*mixture2)
     x = flow.sample(100, seed=1)
     ref = flow.encode(x, rtol=1e-10)
-    z = flow.encode(x, method="warped_rk4", rtol=1e-5)
-    info = flow.last_solve
+    z, info = flow.encode(x, method="warped_rk4", rtol=1e-5, return_info=True)
     assert info.num_steps > WARPED_STEPS and info.error <= 1e-5
     assert (z - ref).abs().max() < 2e-5
     with pytest.raises(SolverError, match=r"estimated error .* over rtol=1e-07; raise num_steps"):
         flow.encode(x, method="warped_rk4", num_steps=4, rtol=1e-7)
-    with pytest.raises(ValueError, match="adjoint"):
+    with pytest.raises(ValueError, match="adjoint: not an option of method='warped_rk4'"):
         flow.encode(x, method="warped_rk4", adjoint=True)
+    with pytest.raises(ValueError, match="num_steps: not an option of method='dopri5'"):
+        flow.encode(x, method="dopri5", num_steps=12)
     with pytest.raises(ValueError, match="num_steps"):
         flow.encode(x, method="warped_rk4", num_steps=0)
 
@@ -87,8 +81,8 @@ def test_gaussian_flow_is_exact_and_log_prob_matches_dopri5(mixture2):
     cov = torch.tensor([[2.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
     gauss = InflationaryFlow.from_gaussian_mixture(torch.ones(1), torch.zeros(1, 2), cov[None])
     x = torch.randn(50, 2, dtype=torch.float64)
-    z = gauss.encode(x, method="warped_rk4")
-    assert gauss.last_solve.error < 1e-12  # the field is zero: nothing to get wrong
+    z, info = gauss.encode(x, method="warped_rk4", return_info=True)
+    assert info.error < 1e-12  # the field is zero: nothing to get wrong
     assert torch.allclose(z, gauss.encode(x), atol=1e-12)
     flow = InflationaryFlow.from_gaussian_mixture(*mixture2)
     x = flow.sample(50, seed=2)
@@ -100,14 +94,17 @@ def test_prior_keeps_its_grid_fixed_and_warns_once_over_budget(mixture2):
     flow = InflationaryFlow.from_gaussian_mixture(*mixture2)
     z = torch.randn(64, 2, dtype=torch.float64)
     x = flow.prior().transforms[0](z)
-    info = flow.last_solve
-    assert info.method == "warped_rk4" and info.num_steps == WARPED_STEPS
-    assert flow.prior().transforms[0].max_error == info.error > 0
-    assert torch.allclose(x, flow.decode(z, method="warped_rk4", num_steps=WARPED_STEPS,
-                                         rtol=1.0))
+    same, info = flow.decode(z, method="warped_rk4", num_steps=WARPED_STEPS, rtol=1.0,
+                             return_info=True)
+    assert info.num_steps == WARPED_STEPS and torch.allclose(x, same)
+    # the watch is the flow's: a new prior (as a model builds at every call) sees it
+    assert flow.prior().transforms[0].max_error == flow.prior_watch.max_error == info.error > 0
+    evaluations = []
+    hook = flow.field.register_forward_hook(lambda *_: evaluations.append(1))
     with pytest.warns(UserWarning, match="over rtol=1e-07; the grid stays fixed"):
         flow.prior(rtol=1e-7).transforms[0](z)
-    assert flow.last_solve.num_steps == WARPED_STEPS  # not doubled inside inference
+    hook.remove()
+    assert len(evaluations) == 4 * WARPED_STEPS + 1  # not doubled inside inference
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         flow.prior(rtol=1e-7).transforms[0](z.clone())  # once per flow
@@ -117,7 +114,6 @@ def test_warped_rk4_precomputed_time_state_is_exact_and_keeps_weight_gradients()
     """The grid's time-only terms are computed once per solve: same solution and the same
     gradients, to the weights of the time pathway included, as computing them per evaluation."""
     from pyro_inflow import datasets
-    from pyro_inflow.ode import _warped_rk4
 
     flow = InflationaryFlow.fit(datasets.load("moons", n=300, seed=0), steps=3, progress=False,
                                 hidden=16, depth=1, dtype=torch.float64)
@@ -125,11 +121,19 @@ def test_warped_rk4_precomputed_time_state_is_exact_and_keeps_weight_gradients()
     torch.nn.init.normal_(net.out.weight, std=0.3)
     flow.requires_grad_(True)
     w0 = torch.randn(5, 2, dtype=torch.float64)
-    T = flow.schedule.t_max
+    grid = SOLVERS["warped_rk4"].grid(flow.field, 6, w0)
+
+    class PerEvaluation(torch.nn.Module):  # the same field, its time terms made every call
+        def time_terms(self, t):
+            return (t,)
+
+        def forward(self, t, y, terms):
+            return flow.field(terms[0], y)
+
     results = []
-    for func in (flow.field, lambda t, y, state=None: flow.field(t, y)):
+    for func in (flow.field, PerEvaluation()):
         net.zero_grad()
-        w1, _ = _warped_rk4(func, w0, flow.field, T, 0.0, 6)
+        w1, _ = warped_rk4(func, w0, grid, backward=True)
         w1.square().sum().backward()
         results.append((w1.detach(), net.time[0].weight.grad.clone()))
     (a, ga), (b, gb) = results

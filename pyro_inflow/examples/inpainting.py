@@ -7,7 +7,10 @@ samples all ``K`` posteriors at once: its latent has ``K x d`` coordinates and t
 the ``K`` images as one batch, which costs little more than decoding one.
 
 Example:
-    >>> y, mask = corrupt(held[:16], hidden=0.5, sigma=0.1, seed=0)  # doctest: +SKIP
+    >>> held = torch.rand(16, 64)
+    >>> y, mask = corrupt(held, hidden=0.5, sigma=0.1, seed=0)
+    >>> y.shape, int(mask[0].sum())
+    (torch.Size([16, 64]), 32)
     >>> model = inpainting_model(flow, sigma=0.1)  # doctest: +SKIP
     >>> mcmc = latent_nuts(model, y, mask, num_samples=200)  # doctest: +SKIP
     >>> x = posterior_samples(mcmc)["x"]  # (200, 16, D)  # doctest: +SKIP
@@ -22,7 +25,7 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
-from ._validation import check_data
+from .._validation import check_data
 
 __all__ = ["corrupt", "inpainting_model"]
 

@@ -15,25 +15,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyro
-import pyro.distributions as dist
 import torch
 from scipy import stats
 
-from . import _io, datasets
-from .diagnostics import (
-    calibration_table,
-    flow_calibration,
-    mcse_mean,
-    plot_calibration,
-    report_json,
-    summary,
-    to_inference_data,
-)
-from .flow import InflationaryFlow
-from .inference import latent_nuts, latent_svi, posterior_samples
-
-Y_OBS, NOISE = 0.5, 0.3
+from .. import _io, datasets
+from ..calibration import calibration_table, flow_calibration, plot_calibration, report_json
+from ..flow import InflationaryFlow
+from ..inference import latent_nuts, latent_svi
+from ..posterior import mcse_mean, posterior_samples, summary, to_inference_data
+from .problems import NOISE, Y_OBS, moons_model, quadrature_right_moon
 
 __all__ = ["run_demo"]
 
@@ -89,20 +79,9 @@ def _plot_posterior(path: Path, prior_x, nuts_x, svi_x) -> None:
     _io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
-def _quadrature_right_moon(flow: InflationaryFlow, n: int = 101) -> float:
-    """Posterior mass of x0 > 0 by a grid sum of the flow's density times the likelihood."""
-    g = torch.linspace(-3.0, 3.0, n, dtype=torch.float64)
-    grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
-    with torch.no_grad():
-        lp = flow.log_prob(grid.to(flow.dtype), method="warped_rk4").double()
-    lp = lp - 0.5 * ((grid.sum(-1) - Y_OBS) / NOISE) ** 2
-    post = torch.softmax(lp, 0)
-    return float(post[grid[:, 0] > 0].sum())
-
-
 def run_demo(out: Path, n: int = 20_000, steps: int = 4000, seed: int = 0,
              progress: bool = True, n_heldout: int = 5000, draws: int = 150,
-             svi_steps: int = 1000) -> dict:
+             svi_steps: int = 1000, nuts_threads: int | None = None) -> dict:
     """Train, calibrate, and use the flow as a prior; print, plot, return the report.
 
     Args:
@@ -112,6 +91,9 @@ def run_demo(out: Path, n: int = 20_000, steps: int = 4000, seed: int = 0,
         n_heldout: held-out points for the calibration.
         draws: NUTS draws per chain (two chains, as many warm-up steps).
         svi_steps: mean-field SVI steps.
+        nuts_threads: if given, torch's intra-op thread count while NUTS runs (restored
+            after); the command passes 1 (one point per gradient: more threads only add
+            overhead). ``None`` leaves it alone.
     """
     if n < 10 or steps < 1 or draws < 4 or svi_steps < 1 or n_heldout < 10:
         raise ValueError(f"--n, --steps, --draws: expected n >= 10, steps >= 1, draws >= 4, "
@@ -143,16 +125,11 @@ def run_demo(out: Path, n: int = 20_000, steps: int = 4000, seed: int = 0,
 
     _say(f"\npyro-inflow demo [3/3]: the flow as a Pyro prior; y = x0 + x1 + N(0, {NOISE}^2) "
          f"= {Y_OBS}; NUTS in the latent (2 chains x {draws} draws) and mean-field SVI")
-    prior = flow.prior()
+    model = moons_model(flow.prior())
     y = torch.tensor(Y_OBS, dtype=flow.dtype)
-
-    def model(y):
-        x = pyro.sample("x", prior)
-        pyro.sample("y", dist.Normal(x.sum(-1), NOISE), obs=y)
-
     tic = time.perf_counter()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one point per gradient: more threads only add overhead
+    torch.set_num_threads(nuts_threads or threads)
     try:
         mcmc = latent_nuts(model, y, num_samples=draws, warmup_steps=draws, num_chains=2,
                            progress=progress, seed=seed)
@@ -167,7 +144,8 @@ def run_demo(out: Path, n: int = 20_000, steps: int = 4000, seed: int = 0,
     x_nuts = posterior_samples(mcmc)["x"].double().numpy()
     p_nuts, p_mcse, p_ess = mcse_mean(idata.posterior["x"].values[..., 0] > 0)
     x_svi = posterior_samples(guide, y, num_samples=2 * draws)["x"].double().numpy()
-    truth = _quadrature_right_moon(flow)
+    truth = quadrature_right_moon(lambda x: flow.log_prob(x.to(flow.dtype),
+                                                          method="warped_rk4"))
     table = summary(idata, var_names=["x", "x_base"])
     print(f"\nNUTS in the latent: {nuts_s:.1f} s, ArviZ summary (x: data space, x_base: latent)")
     print(table.to_string())

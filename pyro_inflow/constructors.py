@@ -1,0 +1,160 @@
+"""Making flows: learned from samples, exact for a Gaussian mixture or a point cloud, or read
+from a file (and written to one).
+
+The classmethods :meth:`~pyro_inflow.InflationaryFlow.fit`,
+:meth:`~pyro_inflow.InflationaryFlow.from_gaussian_mixture` and
+:meth:`~pyro_inflow.InflationaryFlow.from_empirical` are the entry points (and document the
+arguments); this module holds their steps and the schedule construction they share. Training
+itself (:mod:`pyro_inflow.training`) works in eigen-coordinates and knows nothing of flows.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from . import _io
+from ._validation import check_data, check_positive_int
+from .basis import EIGENVALUE_FLOOR, EigenBasis
+from .denoisers import DENOISERS, EmpiricalDenoiser, GaussianMixtureDenoiser, check_mixture
+from .schedule import SCHEDULE_OPTIONS, InflationSchedule
+from .training import TrainConfig, Trainer, TrainingDiverged, TrainState, split
+
+if TYPE_CHECKING:
+    from .flow import InflationaryFlow
+
+__all__ = ["fit_flow", "mixture_flow", "empirical_flow", "load_flow", "save_flow",
+           "make_schedule", "check_rank"]
+
+
+def make_schedule(dim: int, schedule: str, dims_to_keep: int | None, lam: Tensor,
+              dtype: torch.dtype, options: dict) -> InflationSchedule:
+    """The flow's schedule from the constructors' arguments (one place for all of them)."""
+    unknown = sorted(set(options) - set(SCHEDULE_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected schedule option(s) {unknown}; expected some of "
+                        f"{list(SCHEDULE_OPTIONS)} (see InflationSchedule)")
+    return InflationSchedule(dim, schedule, dims_to_keep, lam=lam.tolist(), **options).to(dtype)
+
+
+def check_rank(x: Tensor, lam: Tensor, schedule: str, dims_to_keep: int | None) -> None:
+    """Refuse data whose covariance is (numerically) singular unless a PR-reducing schedule
+    compresses every degenerate direction."""
+    D = x.shape[1]
+    rank = int((lam > EIGENVALUE_FLOOR).sum())
+    if rank == D:
+        return
+    if schedule == "prr" and (not isinstance(dims_to_keep, int) or not 1 <= dims_to_keep < D
+                              or dims_to_keep <= rank):
+        return  # compressed (or the schedule reports a missing or invalid dims_to_keep)
+    const = (x.std(0) <= 1e-12 * x.abs().amax().clamp_min(1e-300)).nonzero().flatten().tolist()
+    why = (f"column(s) {const} are constant" if const else
+           f"its columns are linearly dependent (covariance rank {rank} < D={D})")
+    raise ValueError(f"data: {why}, so the flow would have no density in those directions; "
+                     f"drop them, or compress them with schedule='prr', dims_to_keep <= {rank}")
+
+
+def fit_flow(cls: type[InflationaryFlow], data: Tensor, schedule: str,
+             dims_to_keep: int | None, *, checkpoint: str | os.PathLike | None,
+             checkpoint_every: int, resume: str | os.PathLike | None, progress: bool,
+             dtype: torch.dtype, device: str | torch.device | None,
+             callback: Callable[[TrainState], None] | None, settings: dict) -> InflationaryFlow:
+    """The body of :meth:`pyro_inflow.InflationaryFlow.fit` (see there)."""
+    settings = dict(settings)
+    options = {k: settings.pop(k) for k in SCHEDULE_OPTIONS if k in settings}
+    config = TrainConfig.from_settings(settings)
+    check_positive_int(checkpoint_every, "checkpoint_every")
+    x = check_data(data, "data", dtype=torch.float64)
+    if x.shape[0] < x.shape[1] + 2:
+        raise ValueError(f"data: expected at least D + 2 = {x.shape[1] + 2} points to "
+                         f"estimate a covariance, got {x.shape[0]}")
+    gen = torch.Generator().manual_seed(config.seed)
+    train_idx, val_idx = split(x.shape[0], config.validation_fraction, gen)
+    with warnings.catch_warnings():  # degenerate directions: judged below, with the schedule
+        warnings.simplefilter("ignore")
+        basis = EigenBasis.from_data(x[train_idx])
+    check_rank(x[train_idx], basis.lam, schedule, dims_to_keep)
+    basis = basis.to(dtype)
+    sched = make_schedule(x.shape[1], schedule, dims_to_keep, basis.lam, dtype, options)
+    u = basis.to_eigen(x.to(dtype))
+    trainer = Trainer(u[train_idx], u[val_idx], sched, basis.lam, config, generator=gen,
+                      device=device)
+    try:
+        denoiser, history = trainer.run(checkpoint=checkpoint,
+                                        checkpoint_every=checkpoint_every, resume=resume,
+                                        progress=progress, callback=callback)
+    except TrainingDiverged as e:
+        e.flow = cls(basis.to(e.denoiser.lam.device), e.denoiser).requires_grad_(False)
+        raise
+    flow = cls(basis.to(denoiser.lam.device), denoiser)
+    flow.history = history
+    return flow.requires_grad_(False)
+
+
+def mixture_flow(cls: type[InflationaryFlow], weights: Tensor, means: Tensor,
+                 covariances: Tensor, schedule: str, dims_to_keep: int | None,
+                 dtype: torch.dtype, options: dict) -> InflationaryFlow:
+    """The body of :meth:`pyro_inflow.InflationaryFlow.from_gaussian_mixture`."""
+    w, m, S = check_mixture(weights, means, covariances, dtype)
+    w = w / w.sum()
+    mean = (w[:, None] * m).sum(0)
+    dev = m - mean
+    cov = (w[:, None, None] * (S + dev[:, :, None] * dev[:, None, :])).sum(0)
+    basis = EigenBasis.from_moments(mean, cov)
+    sched = make_schedule(m.shape[1], schedule, dims_to_keep, basis.lam, dtype, options)
+    m_u = basis.to_eigen(m)
+    S_u = basis.W.T @ S @ basis.W / basis.scale**2
+    return cls(basis, GaussianMixtureDenoiser(sched, w, m_u, S_u))
+
+
+def empirical_flow(cls: type[InflationaryFlow], data: Tensor, schedule: str,
+                   dims_to_keep: int | None, dtype: torch.dtype,
+                   options: dict) -> InflationaryFlow:
+    """The body of :meth:`pyro_inflow.InflationaryFlow.from_empirical`."""
+    x = check_data(data, "data", min_rows=2, dtype=dtype)
+    basis = EigenBasis.from_data(x)
+    sched = make_schedule(basis.dim, schedule, dims_to_keep, basis.lam, dtype, options)
+    return cls(basis, EmpiricalDenoiser(sched, basis.to_eigen(x)))
+
+
+def save_flow(flow: InflationaryFlow, path: str | os.PathLike, metadata: dict | None) -> None:
+    """The body of :meth:`pyro_inflow.InflationaryFlow.save`."""
+    den = flow.denoiser
+    kind = next(k for k, c in DENOISERS.items() if isinstance(den, c))
+    _io.save_payload(path, "flow", {
+        "basis": {k: v.detach().cpu() for k, v in flow.basis.state_dict().items()},
+        "schedule": flow.schedule.config(),
+        "denoiser": {"type": kind, "config": den.config(),
+                     "state": {k: v.detach().cpu() for k, v in den.state_dict().items()}},
+        "metadata": dict(metadata or {}),
+    })
+
+
+def load_flow(cls: type[InflationaryFlow], path: str | os.PathLike,
+              map_location: str | torch.device) -> InflationaryFlow:
+    """The body of :meth:`pyro_inflow.InflationaryFlow.load`."""
+    record = _io.load_payload(path, "flow")
+    try:
+        basis = EigenBasis(**record["basis"])
+        dtype = basis.mean.dtype
+        config = dict(record["schedule"])
+        config.pop("A0", None)  # files of 0.1.0: the unused scale s(t) had a parameter
+        sched = InflationSchedule(**config).to(dtype)
+        spec = record["denoiser"]
+        den = DENOISERS[spec["type"]].from_saved(sched, basis.lam, spec["config"],
+                                                 spec["state"])
+        flow = cls(basis, den.to(dtype))
+        for name, value in flow.state_dict().items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"non-finite values in {name}")
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError,
+            IndexError) as e:
+        raise ValueError(f"{path}: corrupt pyro_inflow flow file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
+    flow.metadata = dict(record.get("metadata", {}))
+    return flow.requires_grad_(False).to(map_location)
