@@ -5,16 +5,15 @@ batch of 512) once in one process and once with ``torchrun --nproc-per-node P`` 
 asked, then reports wall time, samples per second, the largest weight difference from the
 one-process run, and the RMS latent difference on 2,000 unseen points (dopri5, 1e-6).
 
-    python benchmarks/bench_distributed.py [--steps 1000] [--procs 2]
+    python benchmarks/bench_distributed.py [--quick] [--steps 1000] [--procs 2]
 
 Writes ``benchmarks/results/distributed.json``. On a machine with fewer cores than processes
 the processes only share the cores: the point there is the agreement, not the speed.
+``--quick``: 100 steps, written to ``benchmarks/results/quick/``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
@@ -24,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import parser, write_results
 
 from pyro_inflow import InflationaryFlow, datasets
-
-HERE = Path(__file__).resolve().parent
 
 
 def _train(folder: Path, procs: int, steps: int, threads: int) -> float:
@@ -47,10 +45,12 @@ def _train(folder: Path, procs: int, steps: int, threads: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1000)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=None, help="default 1000; 100 with --quick")
     p.add_argument("--procs", type=int, nargs="+", default=[2])
     a = p.parse_args()
+    if a.steps is None:
+        a.steps = 100 if a.quick else 1000
     cores = os.cpu_count() or 1
     held = datasets.load("moons", n=2000, seed=2).double()
     rows = []
@@ -82,11 +82,7 @@ def main() -> None:
         print(f"{r['processes']:>9} {r['threads_each']:>7} {r['wall_s']:>8.1f} "
               f"{r['samples_per_s']:>10,.0f} {r['max_weight_diff']:>9.1e} "
               f"{r['latent_rms_diff']:>15.1e}")
-    out = HERE / "results" / "distributed.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"steps": a.steps, "batch_size": 512, "cores": cores,
-                               "torch": torch.__version__, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_results("distributed", {"steps": a.steps, "batch_size": 512, "rows": rows}, a.quick)
 
 
 if __name__ == "__main__":

@@ -6,21 +6,22 @@ encode/decode cost. Also time one EmpiricalDenoiser call, 20,000 reference point
 queries (median of 5). Prints a table and writes benchmarks/results/engine.json.
 
     python benchmarks/bench_engine.py [--quick]
+
+``--quick``: 300 training steps and two toys (moons PR-preserving and PR-reducing), written
+to benchmarks/results/quick/engine.json.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _harness import parser, wall_times, write_results
 
 import pyro_inflow as pif
 from pyro_inflow import EmpiricalDenoiser, InflationSchedule
+from pyro_inflow.calibration.coverage import error_norms
 
 
 def toy_row(name: str, schedule: str, d: int | None, steps: int | None) -> dict:
@@ -34,18 +35,19 @@ def toy_row(name: str, schedule: str, d: int | None, steps: int | None) -> dict:
     train_s = time.perf_counter() - tic
     with torch.no_grad():
         tic = time.perf_counter()
-        wT = flow.encode_full(held)
-        enc_s, enc_nfe = time.perf_counter() - tic, flow.last_solve.nfe
+        wT, enc = flow.encode_full(held, return_info=True)
+        enc_s, enc_nfe = time.perf_counter() - tic, enc.nfe
         tic = time.perf_counter()
-        back = flow.decode(wT[:, : flow.latent_dim]) if d is None else None
-        dec_s, dec_nfe = time.perf_counter() - tic, flow.last_solve.nfe
+        back, dec = (flow.decode(wT[:, : flow.latent_dim], return_info=True) if d is None
+                     else (None, None))
+        dec_s = time.perf_counter() - tic
     cov = pif.latent_coverage(wT[:, : flow.latent_dim])
-    rt = pif.roundtrip_error(held, back) if back is not None else None
+    rt = error_norms(held, back) if back is not None else None
     return {"data": name, "schedule": schedule, "d": flow.latent_dim, "train_s": train_s,
             "samples_seen": flow.history["samples_seen"][-1], "coverage": cov["coverage"],
             "max_cov_err": cov["max_abs_error"], "ks": cov["ks"],
             "roundtrip_rms": rt and rt["rms"], "roundtrip_max": rt and rt["max"],
-            "encode_nfe": enc_nfe, "encode_s": enc_s, "decode_nfe": dec_nfe if rt else None,
+            "encode_nfe": enc_nfe, "encode_s": enc_s, "decode_nfe": dec.nfe if rt else None,
             "decode_s": dec_s if rt else None}
 
 
@@ -54,19 +56,13 @@ def empirical_speed(repeats: int = 5) -> dict:
     ref = pif.datasets.load("s_curve", n=20_000, seed=0)
     den = EmpiricalDenoiser(sched, ref)
     q = pif.datasets.load("s_curve", n=10_000, seed=1)
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        den(q, torch.tensor(2.0))
-        times.append(time.perf_counter() - tic)
+    [times] = wall_times([lambda: den(q, torch.tensor(2.0))], repeats)
     return {"refs": 20_000, "queries": 10_000, "median_s": statistics.median(times),
             "all_s": times}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="300 steps, 2 toys (smoke run)")
-    a = ap.parse_args()
+    a = parser(__doc__.splitlines()[0]).parse_args()
     cases = [(n, "prp", None) for n in ("moons", "circles", "sine", "s_curve", "swiss_roll")]
     cases += [("moons", "prr", 1), ("swiss_roll", "prr", 1), ("s_curve", "prr", 2)]
     if a.quick:
@@ -83,12 +79,7 @@ def main() -> None:
               f"{r['encode_nfe']:9}{r['decode_nfe'] or '-':>9}")
     print(f"EmpiricalDenoiser 20,000 refs x 10,000 queries: median {emp['median_s']:.2f} s "
           f"over {len(emp['all_s'])} calls")
-    out = Path(__file__).parent / "results" / "engine.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "cpus": torch.get_num_threads(),
-                               "torch": torch.__version__, "toys": rows, "empirical": emp},
-                              indent=2))
-    print(f"wrote {out}")
+    write_results("engine", {"toys": rows, "empirical": emp}, a.quick)
 
 
 if __name__ == "__main__":

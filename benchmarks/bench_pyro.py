@@ -18,18 +18,19 @@
 
     python benchmarks/bench_pyro.py [--quick] [--gradients]
 
-``--gradients`` runs part 1 only, in float32 and float64 (a few minutes).
+``--gradients`` runs part 1 only, in float32 and float64 (a few minutes), and writes
+benchmarks/results/pyro_gradients.json. ``--quick``: 400 training steps, 3 timing rounds,
+2 chains x (100 + 100), 300 NeuTra steps, written to benchmarks/results/quick/.
+
+The moons problem (``Y_OBS``, ``NOISE``, the model and the quadrature) is
+:mod:`pyro_inflow.examples.problems`, shared with the tests and the demo.
 
 Prints tables and writes benchmarks/results/pyro.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
+from _harness import median_times, parser, write_results
 from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal
@@ -45,25 +47,7 @@ from pyro.infer.reparam import NeuTraReparam
 from pyro.optim import ClippedAdam
 
 import pyro_inflow as pif
-
-Y_OBS, NOISE = 0.5, 0.3
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
-
-
-def median_times(fns: list, repeats: int) -> list[float]:
-    """Median wall time of each of ``fns``, timed round-robin (one call of each per round)
-    so that a burst of load on a shared machine hits every function alike."""
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            tic = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - tic)
-    return [statistics.median(ts) for ts in times]
+from pyro_inflow.examples.problems import NOISE, Y_OBS, moons_model, quadrature_right_moon
 
 
 def gradient_table(flow, repeats: int) -> list[dict]:
@@ -91,15 +75,15 @@ def gradient_table(flow, repeats: int) -> list[dict]:
 
                 def step(z=z, options=options, f=f):
                     z.grad = None
-                    x = f.decode(z, **options)
+                    x, info = f.decode(z, return_info=True, **options)
                     x.square().sum().backward()
-                    return x
+                    return x, info
 
-                x = step()
+                x, info = step()
                 steps.append(step)
                 group.append({
                     "batch": batch, "dtype": str(dtype).removeprefix("torch."), "method": name,
-                    "forward_nfe": f.last_solve.nfe,
+                    "forward_nfe": info.nfe,
                     # per point: |x - x_ref| and |g - g_ref| / |g_ref|; the median, since a
                     # few points on the seam between the moons are ill-conditioned for all
                     "decode_err_median": float((x.detach().double() - ref).norm(dim=-1)
@@ -154,8 +138,9 @@ def gradient_cost(potential, dim: int, repeats: int) -> float:
     return median_times([step], repeats)[0]
 
 
-def neutra_model(model, steps: int, seed: int = 0):
-    """Pyro's NeuTra: an AutoIAFNormal guide fitted by SVI, then NeuTraReparam of the model."""
+def neutra_model(model, y, steps: int, seed: int = 0):
+    """Pyro's NeuTra: an AutoIAFNormal guide fitted by SVI on ``model(y)``, then
+    NeuTraReparam of the model."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     guide = AutoIAFNormal(model, num_transforms=2, hidden_dim=[32, 32])
@@ -163,30 +148,31 @@ def neutra_model(model, steps: int, seed: int = 0):
               Trace_ELBO(num_particles=8, vectorize_particles=True))
     tic = time.perf_counter()
     for _ in range(steps):
-        svi.step()
+        svi.step(y)
     neutra = NeuTraReparam(guide.requires_grad_(False))
     return neutra, poutine.reparam(model, config=lambda _: neutra), time.perf_counter() - tic
 
 
-def run_nuts(model, num_samples, warmup, chains, seed=0, latent=False, neutra=None) -> dict:
+def run_nuts(model, y, num_samples, warmup, chains, seed=0, latent=False,
+             neutra=None) -> dict:
     pyro.set_rng_seed(seed)
     tic = time.perf_counter()
     if neutra is not None:
         mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup,
                     num_chains=chains, disable_progbar=True)
-        mcmc.run()
+        mcmc.run(y)
         wall = time.perf_counter() - tic
         shared = mcmc.get_samples(group_by_chain=True)["x_shared_latent"]
         x = neutra.transform_sample(shared)["x"]
     elif latent:
-        mcmc = pif.latent_nuts(model, num_samples=num_samples, warmup_steps=warmup,
+        mcmc = pif.latent_nuts(model, y, num_samples=num_samples, warmup_steps=warmup,
                                num_chains=chains, progress=False, seed=seed)
         wall = time.perf_counter() - tic
         x = pif.posterior_samples(mcmc, group_by_chain=True)["x"]
     else:
         mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup,
                     num_chains=chains, disable_progbar=True)
-        mcmc.run()
+        mcmc.run(y)
         wall = time.perf_counter() - tic
         x = mcmc.get_samples(group_by_chain=True)["x"]
     x = x.detach().double().numpy()  # (chain, draw, 2)
@@ -209,21 +195,8 @@ def run_nuts(model, num_samples, warmup, chains, seed=0, latent=False, neutra=No
             "frac_x0_gt_0_per_chain": (x[..., 0] > 0).mean(1).tolist()}
 
 
-def quadrature_right_moon(log_prior, lo, hi, n: int = 241) -> float:
-    """Posterior mass of x0 > 0 by a grid sum of prior density times likelihood."""
-    g0 = torch.linspace(lo[0], hi[0], n, dtype=torch.float64)
-    g1 = torch.linspace(lo[1], hi[1], n, dtype=torch.float64)
-    grid = torch.stack(torch.meshgrid(g0, g1, indexing="ij"), -1).reshape(-1, 2)
-    with torch.no_grad():
-        lp = torch.cat([log_prior(c) for c in grid.split(8192)])
-    lp = lp + dist.Normal(grid.sum(-1), NOISE).log_prob(torch.tensor(Y_OBS, dtype=grid.dtype))
-    post = torch.softmax(lp, 0)
-    return float(post[grid[:, 0] > 0].sum())
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="short training and chains")
+    ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--rtol", type=float, default=None, help="prior tolerance (default: its own)")
     ap.add_argument("--gradients", action="store_true",
                     help="only the gradient-cost table (writes results/pyro_gradients.json)")
@@ -239,11 +212,9 @@ def main() -> None:
     grads = gradient_table(flow, repeats=3 if a.quick else 9)
     print_gradients(grads)
     if a.gradients:
-        path = Path(__file__).parent / "results" / "pyro_gradients.json"
-        path.write_text(json.dumps({"machine": machine(), "train_steps": steps,
-                                    "pyro_inflow": str(Path(pif.__file__).parent),
-                                    "gradients": grads}, indent=1))
-        print(f"wrote {path}")
+        write_results("pyro_gradients", {"train_steps": steps,
+                                         "pyro_inflow": str(Path(pif.__file__).parent),
+                                         "gradients": grads}, a.quick)
         return
 
     spline, spline_train = spline_prior(data, steps=steps)
@@ -254,14 +225,7 @@ def main() -> None:
     opts = {} if a.rtol is None else {"rtol": a.rtol}
     ours_prior = flow.prior(**opts)
     y = torch.tensor(Y_OBS)
-
-    def ours_model():
-        x = pyro.sample("x", ours_prior)
-        pyro.sample("y", dist.Normal(x.sum(-1), NOISE), obs=y)
-
-    def spline_model():
-        x = pyro.sample("x", spline)
-        pyro.sample("y", dist.Normal(x.sum(-1), NOISE), obs=y)
+    ours_model, spline_model = moons_model(ours_prior), moons_model(spline)
 
     # cost of one potential-energy gradient at a random point
     t_ours = ours_prior.transforms[0]
@@ -271,19 +235,19 @@ def main() -> None:
     cost_spline = gradient_cost(
         lambda x: -(spline.log_prob(x) + dist.Normal(x.sum(-1), NOISE).log_prob(y)), 2, 21)
 
-    ours = run_nuts(ours_model, n_samp, n_samp, chains, latent=True)
-    peer = run_nuts(spline_model, n_samp, n_samp, chains)
-    neutra, warped, neutra_train = neutra_model(spline_model, 300 if a.quick else 3000)
+    ours = run_nuts(ours_model, y, n_samp, n_samp, chains, latent=True)
+    peer = run_nuts(spline_model, y, n_samp, n_samp, chains)
+    neutra, warped, neutra_train = neutra_model(spline_model, y, 300 if a.quick else 3000)
     shared = "x_shared_latent"  # NeuTraReparam names it after the first latent site
     cost_neutra = gradient_cost(
-        lambda u: -poutine.trace(poutine.condition(warped, {shared: u})).get_trace()
+        lambda u: -poutine.trace(poutine.condition(warped, {shared: u})).get_trace(y)
         .log_prob_sum(), 2, 21)
-    neu = run_nuts(warped, n_samp, n_samp, chains, neutra=neutra)
+    neu = run_nuts(warped, y, n_samp, n_samp, chains, neutra=neutra)
     lo, hi = (data.amin(0) - 0.5).tolist(), (data.amax(0) + 0.5).tolist()
     ours["truth_frac_x0_gt_0"] = quadrature_right_moon(
-        lambda c: flow.log_prob(c.to(flow.dtype)).double(), lo, hi)
+        lambda c: flow.log_prob(c.to(flow.dtype)).double(), lo, hi, n=241)
     peer["truth_frac_x0_gt_0"] = quadrature_right_moon(
-        lambda c: spline.log_prob(c.float()).double(), lo, hi)
+        lambda c: spline.log_prob(c.float()).double(), lo, hi, n=241)
     neu["truth_frac_x0_gt_0"] = peer["truth_frac_x0_gt_0"]
     rows = [("inflationary flow, NUTS in latent", ll_ours, ours_train, cost_ours, ours),
             ("spline coupling, NUTS on x", ll_spline, spline_train, cost_spline, peer),
@@ -302,7 +266,6 @@ def main() -> None:
     print(f"ratio ours/peer ESS bulk per second (all chains): "
           f"{ours['ess_bulk_per_s'] / peer['ess_bulk_per_s']:.2f}")
     out = {
-        "machine": machine(),
         "settings": {"train_steps": steps, "num_samples": n_samp, "warmup": n_samp,
                      "chains": chains,
                      "prior_options": opts, "y": Y_OBS, "noise": NOISE},
@@ -314,10 +277,7 @@ def main() -> None:
                  "neutra": {"heldout_ll": ll_spline, "guide_train_s": neutra_train,
                             "grad_s": cost_neutra, **neu}},
     }
-    path = Path(__file__).parent / "results" / ("pyro_quick.json" if a.quick else "pyro.json")
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    write_results("pyro", out, a.quick)
 
 
 if __name__ == "__main__":

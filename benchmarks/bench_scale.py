@@ -14,10 +14,11 @@ distribution the flow transports; see ``flow_calibration``). With 297 points one
 is about 0.03. Peak memory is the process's maximum resident set size, with the size after
 imports alongside.
 
-    python benchmarks/bench_scale.py [--steps 4000] [--patience 4]
+    python benchmarks/bench_scale.py [--quick] [--steps 4000] [--patience 4]
 
 Needs scikit-learn (``pip install "pyro-inflow[digits]"``). Writes
-``benchmarks/results/scale.json``.
+``benchmarks/results/scale.json``. ``--quick``: 300 training steps and two schedules
+(PR-preserving, PR-reducing to d = 8), written to ``benchmarks/results/quick/``.
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from _harness import parser, write_results
+
 CONFIGS = [("prp", None), ("prr", 16), ("prr", 8), ("prr", 4)]
+QUICK_CONFIGS = [("prp", None), ("prr", 8)]
 
 
 def _rss_mib() -> float:
@@ -60,13 +61,13 @@ def one(schedule: str, d: int | None, steps: int, patience: int | None) -> dict:
                          ("warped_rk4", {"method": "warped_rk4", "num_steps": 12})):
         with torch.no_grad():
             tic = time.perf_counter()
-            z = flow.encode(held.float(), **solver)
+            z, enc = flow.encode(held.float(), return_info=True, **solver)
             enc_s = time.perf_counter() - tic
-            enc_nfe = flow.last_solve.nfe
+            enc_nfe = enc.nfe
             tic = time.perf_counter()
-            back = flow.decode(z, **solver)
+            back, dec = flow.decode(z, return_info=True, **solver)
             dec_s = time.perf_counter() - tic
-            dec_nfe = flow.last_solve.nfe
+            dec_nfe = dec.nfe
             z_noised = flow.encode(noised, **solver)
         err = (back.double() - held).square().mean().sqrt().item()
         cov = latent_coverage(z_noised.double())
@@ -84,11 +85,13 @@ def one(schedule: str, d: int | None, steps: int, patience: int | None) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=4000)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=None, help="default 4000; 300 with --quick")
     p.add_argument("--patience", type=int, default=4, help="0: no early stopping")
     p.add_argument("--one", nargs=2, metavar=("SCHEDULE", "D"), help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.steps is None:
+        a.steps = 300 if a.quick else 4000
     if a.one:
         d = None if a.one[1] == "none" else int(a.one[1])
         print(json.dumps(one(a.one[0], d, a.steps, a.patience or None)))
@@ -99,7 +102,7 @@ def main() -> None:
         raise SystemExit('bench_scale needs scikit-learn: pip install "pyro-inflow[digits]"'
                          ) from None
     rows = []
-    for schedule, d in CONFIGS:
+    for schedule, d in QUICK_CONFIGS if a.quick else CONFIGS:
         run = subprocess.run([sys.executable, __file__, "--steps", str(a.steps),
                               "--patience", str(a.patience), "--one",
                               schedule, "none" if d is None else str(d)],
@@ -125,14 +128,9 @@ def main() -> None:
             print(f"{head} | {name:>10} {s['encode_points_per_s']:>10,.0f} {s['encode_nfe']:>4} "
                   f"{s['decode_points_per_s']:>10,.0f} {s['decode_nfe']:>4} "
                   f"{s['error_rms']:>8.1e} {s['coverage_max_abs_error']:>8.3f} | {tail}")
-    out = HERE / "results" / "scale.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": {"platform": platform.platform(),
-                                           "cores": os.cpu_count()},
-                               "steps": a.steps, "patience": a.patience or None,
-                               "coverage_points": "held-out + t0 noise (seed 0)",
-                               "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_results("scale", {"steps": a.steps, "patience": a.patience or None,
+                            "coverage_points": "held-out + t0 noise (seed 0)", "rows": rows},
+                  a.quick)
 
 
 if __name__ == "__main__":

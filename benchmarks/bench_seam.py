@@ -18,28 +18,32 @@ no learning error), with two solvers (the prior's fixed-grid ``warped_rk4`` and 
     python benchmarks/bench_seam.py [--quick]
 
 Prints a table, writes benchmarks/results/seam.json and seam.png (the curvature maps, the
-posterior's contours and the draws of divergent transitions).
+posterior's contours and the draws of divergent transitions). ``--quick``: a 61 x 61 grid,
+400 training steps, 2 chains x (100 + 100), both files under benchmarks/results/quick/. The
+moons problem (``Y_OBS``, ``NOISE``, the model, the quadrature) is
+:mod:`pyro_inflow.examples.problems`, the same as ``bench_pyro.py``'s.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
-from bench_pyro import NOISE, Y_OBS, quadrature_right_moon  # noqa: E402  (same problem)
+from _harness import parser, results_dir, write_results  # noqa: E402
 
 import pyro_inflow as pif  # noqa: E402
+from pyro_inflow.examples.problems import (  # noqa: E402
+    NOISE,
+    Y_OBS,
+    moons_model,
+    quadrature_right_moon,
+)
 
 SOLVERS = {"warped_rk4 N=12": {"method": "warped_rk4", "num_steps": 12, "rtol": 1.0},
            "dopri5 1e-7": {"method": "dopri5", "rtol": 1e-7, "atol": 1e-7}}
@@ -71,15 +75,10 @@ def grid_row(curv, post) -> dict:
 
 
 def nuts_row(flow, samples: int, chains: int) -> tuple[dict, np.ndarray]:
-    prior = flow.prior()
+    model = moons_model(flow.prior())
     y = torch.tensor(Y_OBS, dtype=flow.dtype)
-
-    def model():
-        x = pyro.sample("x", prior)
-        pyro.sample("y", dist.Normal(x.sum(-1), NOISE), obs=y)
-
     tic = time.perf_counter()
-    mcmc = pif.latent_nuts(model, num_samples=samples, warmup_steps=samples,
+    mcmc = pif.latent_nuts(model, y, num_samples=samples, warmup_steps=samples,
                            num_chains=chains, progress=False, seed=0)
     wall = time.perf_counter() - tic
     z = mcmc.get_samples(group_by_chain=True)["x_base"].detach().double()  # (chain, draw, 2)
@@ -94,9 +93,7 @@ def nuts_row(flow, samples: int, chains: int) -> tuple[dict, np.ndarray]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="small grid, short training and chains")
-    a = ap.parse_args()
+    a = parser(__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(1)
     n_grid, steps, samples = (61, 400, 100) if a.quick else (161, 4000, 500)
 
@@ -155,14 +152,8 @@ def main() -> None:
         ax.set(title=name, xlabel="z1", ylabel="z2", aspect="equal")
         ax.legend(loc="lower left", fontsize=8)
     fig.colorbar(im, ax=axes, label="log10 likelihood curvature |J^T 1|^2 / sigma^2")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    fig.savefig(out / ("seam_quick.png" if a.quick else "seam.png"), dpi=80)
-    result = {"machine": f"{platform.machine()} {platform.processor()} "
-                         f"{torch.get_num_threads()} thread(s), torch {torch.__version__}",
-              "moons_train_s": train_s, "grid": n_grid, "rows": rows}
-    (out / ("seam_quick.json" if a.quick else "seam.json")).write_text(
-        json.dumps(result, indent=2))
+    fig.savefig(results_dir(a.quick) / "seam.png", dpi=80)
+    write_results("seam", {"moons_train_s": train_s, "grid": n_grid, "rows": rows}, a.quick)
 
 
 if __name__ == "__main__":

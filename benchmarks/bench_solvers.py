@@ -11,23 +11,23 @@ toys, PR-preserving and PR-reducing (for PR-reducing flows the roundtrip is that
 D-dimensional ODE state, a measure of the solver; the library's decode then drops the
 compressed coordinates).
 
-    python benchmarks/bench_solvers.py [--quick]
+    python benchmarks/bench_solvers.py [--quick] [--points 2000]
 
-Prints a table and writes benchmarks/results/solvers.json.
+Prints a table and writes benchmarks/results/solvers.json. ``--quick``: the two exact
+mixtures and moons trained for 300 steps, written to benchmarks/results/quick/solvers.json.
+The Euler is the package's copy of the authors' (``pyro_inflow.examples.problems``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
+from _harness import parser, write_results
 
 import pyro_inflow as pif
-from pyro_inflow.ode import solve
+from pyro_inflow.examples.problems import authors_euler
+from pyro_inflow.solvers import solve
 
 
 def mixture(D: int, seed: int):
@@ -38,22 +38,13 @@ def mixture(D: int, seed: int):
     return w / w.sum(), m, A @ A.mT + 0.05 * torch.eye(D)
 
 
-def euler(field, w, t0: float, t1: float, h: float = 0.01):
-    n = round(abs(t1 - t0) / h)
-    ts = torch.linspace(t0, t1, n + 1, dtype=w.dtype)
-    for k in range(n):
-        w = w + field(ts[k], w) * (ts[k + 1] - ts[k])
-    return w, n
-
-
 def rows_for(name: str, flow, x) -> list[dict]:
     flow = flow.double()
     x = x.double()
     T, field = flow.schedule.t_max, flow.field
-    root = flow._sigma0_root()
-    w0 = flow.basis.to_eigen(x) / root
+    w0 = flow.to_state(x)
     ref = solve(field, w0, 0.0, T, rtol=1e-10)[0]
-    to_x = lambda w: flow.basis.from_eigen(w * root)  # noqa: E731
+    to_x = flow.from_state
     rms = lambda a, b: float((a - b).square().sum(-1).mean().sqrt())  # noqa: E731
     cases = [("euler h=0.01", None)]
     cases += [(f"dopri5 rtol={r:g}", {"method": "dopri5", "rtol": r}) for r in (1e-3, 1e-4, 1e-5)]
@@ -63,8 +54,8 @@ def rows_for(name: str, flow, x) -> list[dict]:
     for label, opts in cases:
         tic = time.perf_counter()
         if opts is None:
-            wT, n1 = euler(field, w0, 0.0, T)
-            back, n2 = euler(field, wT, T, 0.0)
+            wT, n1 = authors_euler(field, w0, 0.0, T)
+            back, n2 = authors_euler(field, wT, T, 0.0)
             est = None
         else:
             wT, _, i1 = solve(field, w0, 0.0, T, **opts)
@@ -86,8 +77,7 @@ def rows_for(name: str, flow, x) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="exact mixtures and 1 trained toy")
+    ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--points", type=int, default=2000, help="held-out points per flow")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -122,14 +112,7 @@ def main() -> None:
               f"{r['nfe_ratio_vs_euler']:>7.1f}{r['roundtrip_rms']:>10.1e}"
               f"{r['roundtrip_median']:>10.1e}{r['roundtrip_max']:>10.1e}{r['encode_rms']:>10.1e}"
               f"{est}{r['wall_s']:>8.2f}{mark}")
-    out = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
-                       "threads": torch.get_num_threads()},
-           "points": a.points, "rows": rows}
-    path = Path(__file__).parent / "results" / ("solvers_quick.json" if a.quick else
-                                                "solvers.json")
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    write_results("solvers", {"points": a.points, "rows": rows}, a.quick)
 
 
 if __name__ == "__main__":

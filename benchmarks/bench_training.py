@@ -6,38 +6,40 @@ step budget (``--budgets``, x 512 samples per step; the learning-rate schedule i
 each budget) on 20,000 points (seed 1), measure the coverage on unseen points (seed 2), and
 report the smallest budget that meets the bar with its samples seen and wall time.
 
-    python benchmarks/bench_training.py [--budgets 500 1000 2000 4000]
+    python benchmarks/bench_training.py [--quick] [--budgets 500 1000 2000 4000]
 
 Writes ``benchmarks/results/training.json``. Single runs on a shared machine: the seconds are
-indicative, the samples exact.
+indicative, the samples exact. ``--quick``: budgets 100 and 200 on moons (PR-preserving and
+PR-reducing to d = 1), written to ``benchmarks/results/quick/``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import time
-from pathlib import Path
 
 import torch
+from _harness import parser, write_results
 
 from pyro_inflow import InflationaryFlow, datasets, latent_coverage
 
-HERE = Path(__file__).resolve().parent
 BAR = 0.02
 CASES = [("moons", "prp", None), ("circles", "prp", None), ("sine", "prp", None),
          ("s_curve", "prp", None), ("swiss_roll", "prp", None),
          ("moons", "prr", 1), ("swiss_roll", "prr", 1), ("s_curve", "prr", 2)]
+QUICK_CASES = [("moons", "prp", None), ("moons", "prr", 1)]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budgets", type=int, nargs="+", default=[500, 1000, 2000, 4000])
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--budgets", type=int, nargs="+", default=None,
+                   help="training steps to try (default 500 1000 2000 4000; 100 200 with "
+                        "--quick)")
     a = p.parse_args()
+    if a.budgets is None:
+        a.budgets = [100, 200] if a.quick else [500, 1000, 2000, 4000]
     rows = []
-    for name, schedule, d in CASES:
+    for name, schedule, d in QUICK_CASES if a.quick else CASES:
         data = datasets.load(name, n=20_000, seed=1)
         held = datasets.load(name, n=5000, seed=2)
         tries = []
@@ -69,12 +71,7 @@ def main() -> None:
         samples = f"{m['samples']:,}" if isinstance(m["samples"], int) else m["samples"]
         print(f"{r['data']:>11} {r['schedule']:>5} {r['d']:>2} {m['steps']:>6} {samples:>10} "
               f"{m['train_s']:>8.1f} {m['max_abs_error']:>8.4f}   {tried}")
-    out = HERE / "results" / "training.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": {"platform": platform.platform(),
-                                           "cores": os.cpu_count()}, "bar": BAR,
-                               "budgets": a.budgets, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_results("training", {"bar": BAR, "budgets": a.budgets, "rows": rows}, a.quick)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ def check_data(
         dim: the expected last dimension ``D``, if known.
         min_rows: the smallest acceptable number of points.
         batched: accept any number of leading batch dimensions.
-        dtype, device: convert to these (default: keep a floating tensor's own dtype,
+        dtype: convert to this dtype (default: keep a floating tensor's own dtype,
             ``torch.get_default_dtype()`` for arrays).
+        device: move to this device (default: keep a tensor's own, the CPU for arrays).
 
     Raises:
         TypeError: non-numeric, integer, boolean or complex input.

@@ -78,6 +78,7 @@ class EigenBasis(nn.Module):
 
     @property
     def dim(self) -> int:
+        """Data dimension ``D``."""
         return self.mean.shape[-1]
 
     @classmethod
@@ -136,4 +137,5 @@ class EigenBasis(nn.Module):
         return -self.dim * torch.log(self.scale)
 
     def extra_repr(self) -> str:
+        """The dimension and scale, shown in the module's ``repr``."""
         return f"dim={self.dim}, scale={float(self.scale):.4g}"

@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ __all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + message
+    def error(self, message: str) -> NoReturn:  # one line, not usage + message
         self.exit(2, f"pyro-inflow: error: {message}\n")
 
 
@@ -70,11 +71,11 @@ def _solver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--float64", action="store_true", help="compute in float64")
 
 
-def _solver(a) -> dict:
+def _solver(a: argparse.Namespace) -> dict:
     return {"rtol": a.rtol, "atol": a.atol, "method": a.method, "num_steps": a.num_steps}
 
 
-def _flow(a) -> InflationaryFlow:
+def _flow(a: argparse.Namespace) -> InflationaryFlow:
     flow = InflationaryFlow.load(a.flow)
     return flow.double() if getattr(a, "float64", False) else flow
 
@@ -85,7 +86,7 @@ def _report_solve(info: SolveInfo, what: str, n: int, seconds: float) -> None:
           f"{err}), {seconds:.2f} s", file=sys.stderr)
 
 
-def cmd_train(a) -> None:
+def cmd_train(a: argparse.Namespace) -> None:
     x = check_data(_load_npy(a.data, "DATA"), "DATA")
     if a.out == a.data:
         raise ValueError("--out: would overwrite the training data")
@@ -130,7 +131,7 @@ def cmd_train(a) -> None:
           f"validation loss {val:.4f}{stopped}; wrote {a.out}")
 
 
-def cmd_encode(a) -> None:
+def cmd_encode(a: argparse.Namespace) -> None:
     flow = _flow(a)
     x = check_data(_load_npy(a.data, "DATA"), "DATA", dim=flow.dim)
     tic = time.perf_counter()
@@ -140,7 +141,7 @@ def cmd_encode(a) -> None:
     _save_npy(a.out, z)
 
 
-def cmd_decode(a) -> None:
+def cmd_decode(a: argparse.Namespace) -> None:
     flow = _flow(a)
     z = check_data(_load_npy(a.latents, "Z"), "Z", dim=flow.latent_dim)
     gen = torch.Generator().manual_seed(a.seed)
@@ -151,7 +152,7 @@ def cmd_decode(a) -> None:
     _save_npy(a.out, x)
 
 
-def cmd_sample(a) -> None:
+def cmd_sample(a: argparse.Namespace) -> None:
     flow = _flow(a)
     if a.n < 1:
         raise ValueError(f"-n: expected a positive number of samples, got {a.n}")
@@ -162,7 +163,7 @@ def cmd_sample(a) -> None:
     _save_npy(a.out, x)
 
 
-def cmd_log_prob(a) -> None:
+def cmd_log_prob(a: argparse.Namespace) -> None:
     flow = _flow(a)
     x = check_data(_load_npy(a.data, "DATA"), "DATA", dim=flow.dim)
     tic = time.perf_counter()
@@ -172,7 +173,7 @@ def cmd_log_prob(a) -> None:
     _save_npy(a.out, lp)
 
 
-def cmd_calibrate(a) -> None:
+def cmd_calibrate(a: argparse.Namespace) -> None:
     import json
 
     from .calibration import (  # plots and ArviZ-free reports: loaded when asked for
@@ -211,7 +212,7 @@ def cmd_calibrate(a) -> None:
     print(f"wrote {', '.join(str(p) for p in [out / 'report.json', *files])}", file=sys.stderr)
 
 
-def cmd_demo(a) -> None:
+def cmd_demo(a: argparse.Namespace) -> None:
     from .examples.demo import run_demo
 
     # NUTS decodes one point per gradient, where a second thread only adds overhead

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -63,8 +64,24 @@ class Denoiser(nn.Module):
         return (c_skip * ut - self(ut, t)) / root
 
 
-def check_mixture(weights, means, covariances, dtype: torch.dtype | None = None):
-    """Validate a Gaussian mixture ``(K,), (K, D), (K, D, D)``; returns the three tensors."""
+def check_mixture(
+    weights: Tensor | np.ndarray,
+    means: Tensor | np.ndarray,
+    covariances: Tensor | np.ndarray,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate a Gaussian mixture ``(K,), (K, D), (K, D, D)``; returns the three tensors.
+
+    Args:
+        weights: ``(K,)`` positive weights (tensor or array-like).
+        means: ``(K, D)`` component means.
+        covariances: ``(K, D, D)`` positive semi-definite covariances.
+        dtype: convert to this dtype (default: keep the inputs' own).
+
+    Raises:
+        ValueError, TypeError: wrong shapes, non-floating, non-finite, non-positive weights or
+            non-PSD covariances, named.
+    """
     w, m, S = (torch.as_tensor(v, dtype=dtype) for v in (weights, means, covariances))
     if w.dim() != 1 or m.dim() != 2 or S.dim() != 3:
         raise ValueError(
@@ -135,6 +152,7 @@ class GaussianMixtureDenoiser(Denoiser):
         return log_comp, pdiff, diff
 
     def forward(self, ut: Tensor, t: Tensor) -> Tensor:
+        """Posterior mean ``E[u | ut]`` ``(*, D)`` at times ``t`` (scalar or ``(*)``)."""
         log_comp, pdiff, _ = self._components(ut, t)
         resp = torch.softmax(log_comp, dim=-1)  # (*, K)
         post = self.means + (self.covariances @ pdiff.unsqueeze(-1)).squeeze(-1)
@@ -146,10 +164,13 @@ class GaussianMixtureDenoiser(Denoiser):
         return torch.logsumexp(log_comp, dim=-1)
 
     def config(self) -> dict:
+        """JSON-like settings for saved files (the tensors are in the state dict)."""
         return {"num_components": self.weights.shape[0]}
 
     @classmethod
-    def from_saved(cls, schedule, lam, config, state) -> GaussianMixtureDenoiser:
+    def from_saved(cls, schedule: InflationSchedule, lam: Tensor, config: dict,
+                   state: dict[str, Tensor]) -> GaussianMixtureDenoiser:
+        """Rebuild from a saved :meth:`config` and state dict (``lam`` is unused)."""
         return cls(schedule, state["weights"], state["means"], state["covariances"])
 
 
@@ -180,6 +201,7 @@ class EmpiricalDenoiser(Denoiser):
         self.max_elements = int(max_elements)
 
     def forward(self, ut: Tensor, t: Tensor) -> Tensor:
+        """Posterior mean ``E[u | ut]`` ``(*, D)`` at times ``t`` (scalar or ``(*)``)."""
         inv_gamma = 1.0 / self.schedule.gamma(as_time(t, ut)).to(ut.dtype)  # (*t, D)
         batch = ut.shape[:-1]
         flat = ut.reshape(-1, ut.shape[-1])
@@ -194,10 +216,13 @@ class EmpiricalDenoiser(Denoiser):
         return torch.cat(out).reshape(ut.shape)
 
     def config(self) -> dict:
+        """JSON-like settings for saved files (the points are in the state dict)."""
         return {"num_points": self.points.shape[0], "max_elements": self.max_elements}
 
     @classmethod
-    def from_saved(cls, schedule, lam, config, state) -> EmpiricalDenoiser:
+    def from_saved(cls, schedule: InflationSchedule, lam: Tensor, config: dict,
+                   state: dict[str, Tensor]) -> EmpiricalDenoiser:
+        """Rebuild from a saved :meth:`config` and state dict (``lam`` is unused)."""
         return cls(schedule, state["points"], config.get("max_elements", 2**23))
 
 
@@ -233,6 +258,7 @@ class PreconditionedDenoiser(Denoiser):
         return c_skip, c_out, c_in, c_noise
 
     def forward(self, ut: Tensor, t: Tensor) -> Tensor:
+        """``Dn(ut, t)`` ``(*, D)`` at times ``t`` (scalar or ``(*)``)."""
         c_skip, c_out, c_in, c_noise = self.preconditioning(t)
         c_noise = c_noise.expand(ut.shape[:-1])
         return c_skip * ut + c_out * self.network(c_in * ut, c_noise)
@@ -257,7 +283,9 @@ class PreconditionedDenoiser(Denoiser):
         r"""Denoising score-matching loss ``sum_i (Dn_i - u_i)^2 / c_out_i^2``, shape ``(B,)``.
 
         Args:
-            u: clean points ``(B, D)``. t: times ``(B,)``. eps: standard normal ``(B, D)``.
+            u: clean points ``(B, D)``.
+            t: times ``(B,)``.
+            eps: standard normal ``(B, D)``.
             network: evaluate this module instead of ``self.network`` (training passes its
                 ``DistributedDataParallel`` wrapper here).
         """
@@ -268,10 +296,13 @@ class PreconditionedDenoiser(Denoiser):
         return (net(c_in * ut, c_noise) - target).square().sum(-1)
 
     def config(self) -> dict:
+        """JSON-like settings for saved files: the network's :meth:`config`."""
         return {"network": self.network.config()}
 
     @classmethod
-    def from_saved(cls, schedule, lam, config, state) -> PreconditionedDenoiser:
+    def from_saved(cls, schedule: InflationSchedule, lam: Tensor, config: dict,
+                   state: dict[str, Tensor]) -> PreconditionedDenoiser:
+        """Rebuild from a saved :meth:`config`, the eigenvalues and the state dict."""
         net = build_network(**config["network"])
         den = cls(schedule, lam.clone(), net)
         den.load_state_dict(state, strict=True)

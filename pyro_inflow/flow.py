@@ -120,8 +120,11 @@ class InflationaryFlow(nn.Module):
         The mean, global scale and eigen-basis are the mixture's exact moments.
 
         Args:
-            weights: ``(K,)`` positive. means: ``(K, D)``. covariances: ``(K, D, D)`` PSD.
-            schedule, dims_to_keep: ``"prp"``, or ``"prr"`` with ``d`` kept dimensions.
+            weights: ``(K,)`` positive.
+            means: ``(K, D)``.
+            covariances: ``(K, D, D)`` PSD.
+            schedule: ``"prp"`` (PR-preserving) or ``"prr"`` (PR-reducing).
+            dims_to_keep: for ``"prr"``, the number ``d`` of kept dimensions.
             dtype: computation dtype (float64 by default).
             **schedule_options: ``inflation_gap``, ``gamma0``, ``rho``, ``t_max``, ``tol``; see
                 :class:`~pyro_inflow.InflationSchedule`.
@@ -166,10 +169,12 @@ class InflationaryFlow(nn.Module):
 
         Args:
             data: ``(n, D)`` floating array or tensor of samples, finite, ``n >= D + 2``.
-            schedule, dims_to_keep: ``"prp"``, or ``"prr"`` with ``d`` kept dimensions.
+            schedule: ``"prp"`` (PR-preserving) or ``"prr"`` (PR-reducing).
+            dims_to_keep: for ``"prr"``, the number ``d`` of kept dimensions.
             checkpoint: write a resumable checkpoint here every ``checkpoint_every`` steps, at
                 the end, and when SIGINT/SIGTERM (Ctrl-C) stops the run between two steps; the
                 interrupt is then re-raised as ``KeyboardInterrupt``. Writes are atomic.
+            checkpoint_every: steps between two checkpoints.
             resume: continue from this checkpoint (same data and settings; ``steps`` may grow).
             progress: show a tqdm bar with the loss, validation loss and samples per second.
             dtype: training dtype (the returned flow can be converted with ``.double()``).
@@ -276,6 +281,7 @@ class InflationaryFlow(nn.Module):
                 their own standardized scale, the paper's small-variance option).
             generator: random generator for ``fill="normal"``.
             return_info: also return the solve's :class:`~pyro_inflow.solvers.SolveInfo`.
+            **solver: solver keywords (see the class docstring).
         """
         if fill not in FILLS:
             raise ValueError(f"fill: expected one of {FILLS}, got {fill!r}")
@@ -357,6 +363,12 @@ class InflationaryFlow(nn.Module):
             full_rank: for PR-reducing flows, the density of the paper's full-rank model: all
                 ``D`` coordinates of ``w(T)`` are ``N(0, 1)``, so the compressed directions keep
                 their own small variance (what ``decode(z, fill="normal")`` samples).
+            trace: ``"exact"``, ``"hutchinson"``, or ``"auto"`` (exact for ``D <= 16``).
+            num_probes: number of Rademacher probes of the Hutchinson estimate.
+            seed: seed of the probes (fixed, so the estimate is a deterministic function of
+                ``x``).
+            return_info: also return the solve's :class:`~pyro_inflow.solvers.SolveInfo`.
+            **solver: solver keywords (see the class docstring).
 
         Raises:
             ValueError: for PR-reducing flows without ``full_rank=True``: their data live on a

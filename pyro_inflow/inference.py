@@ -23,6 +23,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyro
 import pyro.distributions as dist
@@ -33,6 +34,9 @@ from pyro.infer.reparam import TransformReparam
 
 from ._progress import tqdm
 from .distributions import InflationaryFlowPrior
+
+if TYPE_CHECKING:
+    from pyro.infer.mcmc.nuts import _TreeInfo
 
 __all__ = ["reparam_flow_priors", "latent_nuts", "latent_svi", "LatentSVI", "RecordingNUTS",
            "is_flow_site", "max_plate_nesting", "GUIDES"]
@@ -45,13 +49,13 @@ GUIDES = {
 }
 
 
-def _is_flow_prior(fn) -> bool:
+def _is_flow_prior(fn: torch.distributions.Distribution) -> bool:
     while isinstance(fn, torch.distributions.Independent):
         fn = fn.base_dist
     return isinstance(fn, InflationaryFlowPrior)
 
 
-def reparam_flow_priors(model):
+def reparam_flow_priors(model: Callable) -> Callable:
     """Run ``model`` with every latent :class:`InflationaryFlowPrior` site in the flow's latent.
 
     Sites inside ``pyro.plate`` work too. Observed flow-prior sites are left alone (they are
@@ -93,21 +97,25 @@ class RecordingNUTS(NUTS):
 
     STATS = ("diverging", "tree_depth", "n_steps", "step_size", "lp")
 
-    def setup(self, warmup_steps, *args, **kwargs):
+    def setup(self, warmup_steps: int, *args: object, **kwargs: object) -> None:
+        """Reset the recorded statistics, then Pyro's ``NUTS.setup``."""
         self._stats = {k: [] for k in self.STATS}
         super().setup(warmup_steps, *args, **kwargs)
 
-    def _build_tree(self, z, r, z_grads, log_slice, direction, tree_depth, energy_current):
+    def _build_tree(self, z: dict[str, torch.Tensor], r: dict[str, torch.Tensor],
+                    z_grads: dict[str, torch.Tensor], log_slice: torch.Tensor, direction: int,
+                    tree_depth: int, energy_current: torch.Tensor) -> _TreeInfo:
         # the top-level calls of one draw pass the current depth, recursive ones less
         self._depth = max(self._depth, tree_depth)
         return super()._build_tree(z, r, z_grads, log_slice, direction, tree_depth,
                                    energy_current)
 
-    def _build_basetree(self, *args, **kwargs):
+    def _build_basetree(self, *args: object, **kwargs: object) -> _TreeInfo:
         self._leapfrogs += 1
         return super()._build_basetree(*args, **kwargs)
 
-    def sample(self, params):
+    def sample(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One NUTS draw, recording its statistics after warm-up."""
         self._depth, self._leapfrogs = -1, 0
         divergences = len(self._divergences)
         params = super().sample(params)
@@ -119,13 +127,14 @@ class RecordingNUTS(NUTS):
             self._stats["lp"].append(-float(self._potential_energy_last))
         return params
 
-    def diagnostics(self):
+    def diagnostics(self) -> dict:
+        """Pyro's NUTS diagnostics plus the recorded per-draw statistics (lists)."""
         return {**super().diagnostics(), **self._stats}
 
 
 def latent_nuts(
-    model,
-    *args,
+    model: Callable,
+    *args: object,
     num_samples: int = 1000,
     warmup_steps: int | None = None,
     num_chains: int = 1,
@@ -133,22 +142,26 @@ def latent_nuts(
     progress: bool = True,
     target_accept_prob: float = 0.8,
     max_tree_depth: int = 10,
-    init_strategy=None,
-    **kwargs,
+    init_strategy: Callable[[dict], torch.Tensor] | None = None,
+    **kwargs: object,
 ) -> MCMC:
     """NUTS in the latent of every flow prior of ``model``; returns the run ``pyro.infer.MCMC``.
 
     Args:
         model: a Pyro model; ``*args`` and ``**kwargs`` are passed to it.
+        *args: the model's positional arguments.
         num_samples: draws per chain kept after warm-up.
         warmup_steps: adaptation steps per chain (default ``num_samples``).
         num_chains: chains (Pyro runs them in parallel processes only when there are more
             free CPU cores than chains, otherwise one after another).
         seed: ``pyro.set_rng_seed(seed)`` first; ``None`` leaves the RNG alone.
         progress: Pyro's progress bar.
-        target_accept_prob, max_tree_depth: NUTS settings.
+        target_accept_prob: NUTS's target acceptance probability of step-size adaptation.
+        max_tree_depth: NUTS's largest tree depth (at most ``2**max_tree_depth`` leapfrog
+            steps per draw).
         init_strategy: a Pyro init strategy (default ``init_to_sample``: a draw from the
             latent's standard Normal, a typical point of the prior).
+        **kwargs: the model's keyword arguments.
 
     Returns:
         The MCMC object: ``mcmc.get_samples()`` holds the latent sites ``"{name}_base"``;
@@ -209,14 +222,17 @@ def latent_svi(
 
     Args:
         model: a Pyro model; ``*args`` and ``**kwargs`` are passed to it.
+        *args: the model's positional arguments.
         guide: ``"normal"`` (mean-field ``AutoNormal``), ``"multivariate_normal"``,
             ``"lowrank_multivariate_normal"``, ``"delta"``, or an autoguide class or instance
             built on ``reparam_flow_priors(model)``.
-        num_steps, lr, num_particles: optimization settings: ``ClippedAdam`` with the
-            learning rate decaying from ``lr`` to ``lr / 10``; several particles are
-            vectorized (the model must broadcast over a leading batch dimension).
+        num_steps: optimization steps (``ClippedAdam``).
+        lr: the initial learning rate, decaying to ``lr / 10`` over the run.
+        num_particles: ELBO particles per step; several are vectorized (the model must
+            broadcast over a leading batch dimension).
         seed: ``pyro.set_rng_seed(seed)`` first; ``None`` leaves the RNG alone.
         progress: a tqdm bar with the loss.
+        **kwargs: the model's keyword arguments.
 
     Returns:
         A :class:`LatentSVI`: the fitted guide, the model and the losses. Only the guide's
@@ -257,7 +273,7 @@ def latent_svi(
     return LatentSVI(guide, latent_model, losses)
 
 
-def max_plate_nesting(nodes) -> int:
+def max_plate_nesting(nodes: dict) -> int:
     """The number of batch dimensions the plates of a trace's ``nodes`` use."""
     return max((-f.dim for site in nodes.values() if site["type"] == "sample"
                 for f in site["cond_indep_stack"] if f.dim is not None), default=0)

@@ -32,6 +32,7 @@ class TimeEmbedding(nn.Module):
         self.dim = 2 * num_frequencies + 1
 
     def forward(self, c: Tensor) -> Tensor:
+        """Features ``(*, 2 n + 1)`` of noise levels ``c`` ``(*)``."""
         arg = c.unsqueeze(-1) * self.freqs.to(c.dtype)
         return torch.cat([c.unsqueeze(-1), torch.sin(arg), torch.cos(arg)], dim=-1)
 
@@ -74,9 +75,11 @@ class MLP(nn.Module):
         return self.net[1:](h)
 
     def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+        """``F(x, c_noise)`` ``(*, D)`` for ``x`` ``(*, D)`` and ``c_noise`` ``(*)``."""
         return self.forward_features(x, self.time_features(c_noise))
 
     def config(self) -> dict:
+        """The constructor's arguments and the ``type`` name, for saved files."""
         return dict(self._config)
 
 
@@ -121,9 +124,11 @@ class ResidualMLP(nn.Module):
         return self.out(silu(h))
 
     def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+        """``F(x, c_noise)`` ``(*, D)`` for ``x`` ``(*, D)`` and ``c_noise`` ``(*)``."""
         return self.forward_features(x, self.time_features(c_noise))
 
     def config(self) -> dict:
+        """The constructor's arguments and the ``type`` name, for saved files."""
         return dict(self._config)
 
 
@@ -131,7 +136,7 @@ class ResidualMLP(nn.Module):
 NETWORKS: dict[str, type[nn.Module]] = {"mlp": MLP, "residual_mlp": ResidualMLP}
 
 
-def build_network(type: str = "residual_mlp", **kwargs) -> nn.Module:
+def build_network(type: str = "residual_mlp", **kwargs: int | torch.dtype | None) -> nn.Module:
     """Build a backbone by name; ``kwargs`` (``dim``, ``hidden``, ``depth``,
     ``num_frequencies``, ``dtype``) go to its constructor."""
     if type not in NETWORKS:

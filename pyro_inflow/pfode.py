@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from .denoisers import Denoiser
+from .schedule import InflationSchedule
 
 __all__ = ["PFODEField", "AugmentedField", "TRACES", "probes"]
 
@@ -54,7 +55,7 @@ class PFODEField(nn.Module):
                              persistent=False)
 
     @property
-    def schedule(self):  # noqa: ANN201  (InflationSchedule; see denoisers)
+    def schedule(self) -> InflationSchedule:
         """The denoiser's :class:`~pyro_inflow.InflationSchedule`."""
         return self.denoiser.schedule
 
@@ -97,7 +98,7 @@ class AugmentedField(nn.Module):
         self.field, self.probes, self.weight = field, probes, weight
 
     @property
-    def schedule(self):  # noqa: ANN201
+    def schedule(self) -> InflationSchedule:
         """The field's schedule."""
         return self.field.schedule
 

@@ -137,11 +137,12 @@ def posterior_samples(
             :func:`~pyro_inflow.reparam_flow_priors` model), a
             :func:`~pyro_inflow.latent_svi` result, or any autoguide on such a model (then pass
             ``model``).
-        *args, **kwargs: the model's arguments (default for MCMC: those of its run).
+        *args: the model's positional arguments (default for MCMC: those of its run).
         model: the model, when it cannot be read from ``fitted`` (a bare autoguide); it is
             passed through :func:`~pyro_inflow.reparam_flow_priors`.
         num_samples: draws from a guide (MCMC returns all its draws).
         group_by_chain: MCMC only: shape ``(chains, draws, ...)`` instead of ``(draws, ...)``.
+        **kwargs: the model's keyword arguments (default for MCMC: those of its run).
 
     Returns:
         ``{site: tensor}`` with every latent site, every rewritten flow site ``name`` (data
@@ -167,11 +168,12 @@ def to_inference_data(fitted: MCMC | LatentSVI | Callable, *args: object,
         fitted: an ``MCMC`` from :func:`~pyro_inflow.latent_nuts` (or any MCMC on a
             :func:`~pyro_inflow.reparam_flow_priors` model, several chains welcome), a
             :func:`~pyro_inflow.latent_svi` result, or an autoguide with ``model``.
-        *args, **kwargs: the model's arguments (default for MCMC: those of its run).
+        *args: the model's positional arguments (default for MCMC: those of its run).
         model: the model, for a bare autoguide.
         num_samples: draws from a guide (one "chain"); MCMC keeps all its draws.
         log_likelihood: add the pointwise log-likelihood of every observed site (draws x
             observations), so ``az.loo`` and ``az.waic`` work.
+        **kwargs: the model's keyword arguments (default for MCMC: those of its run).
 
     Returns:
         ``arviz.InferenceData`` with groups

@@ -18,9 +18,11 @@ Example:
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyro
@@ -34,6 +36,9 @@ from ._validation import check_positive_int
 from .calibration.plots import save_png
 from .inference import is_flow_site, latent_nuts, latent_svi, reparam_flow_priors
 from .posterior import posterior_samples
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["simulation_based_calibration", "SBCResult", "plot_sbc", "INTERVALS"]
 
@@ -107,7 +112,8 @@ class SBCResult:
                 "ranks": {k: v.tolist() for k, v in self.ranks.items()}}
 
 
-def _simulate(latent_model, args, kwargs):
+def _simulate(latent_model: Callable, args: tuple, kwargs: dict
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One prior-predictive draw: (true values of the parameters, simulated observations)."""
     with torch.no_grad():
         tr = poutine.trace(poutine.uncondition(latent_model)).get_trace(*args, **kwargs)
@@ -125,7 +131,7 @@ def _simulate(latent_model, args, kwargs):
     return truth, observed
 
 
-def _observed_names(latent_model, args, kwargs) -> set[str]:
+def _observed_names(latent_model: Callable, args: tuple, kwargs: dict) -> set[str]:
     with torch.no_grad():
         tr = poutine.trace(latent_model).get_trace(*args, **kwargs)
     nodes = tr.nodes
@@ -133,7 +139,8 @@ def _observed_names(latent_model, args, kwargs) -> set[str]:
             and not s["infer"].get("_deterministic") and not is_flow_site(n, s, nodes)}
 
 
-def _run_inference(inference, model, args, kwargs, L: int, options: dict):
+def _run_inference(inference: str | Callable, model: Callable, args: tuple, kwargs: dict,
+                   L: int, options: dict) -> dict[str, torch.Tensor]:
     if inference == "nuts":
         opts = {"warmup_steps": max(L, 100), "thin": 2, **options}
         thin = opts.pop("thin")
@@ -215,7 +222,7 @@ def _run_forked(job: dict, num_simulations: int, num_workers: int, bar: tqdm) ->
 
 def simulation_based_calibration(
     model: Callable,
-    *args,
+    *args: object,
     num_simulations: int = 100,
     num_posterior_samples: int = 100,
     inference: str | Callable = "nuts",
@@ -226,7 +233,7 @@ def simulation_based_calibration(
     progress: bool = True,
     alpha: float = 0.01,
     label: str | None = None,
-    **kwargs,
+    **kwargs: object,
 ) -> SBCResult:
     """Simulation-based calibration of latent inference on ``model``.
 
@@ -237,6 +244,7 @@ def simulation_based_calibration(
     Args:
         model: a Pyro model with observed sites (``obs=...``); ``*args``, ``**kwargs`` are
             passed to it (the observed values in them are replaced by the simulated ones).
+        *args: the model's positional arguments.
         num_simulations: ``S``, simulated data sets.
         num_posterior_samples: ``L``, posterior draws per data set (ranks lie in ``0..L``).
         inference: ``"nuts"`` (:func:`~pyro_inflow.latent_nuts`, thinned by 2 by default:
@@ -253,6 +261,7 @@ def simulation_based_calibration(
         progress: a tqdm bar over simulations.
         alpha: level of the Bonferroni-corrected uniformity test.
         label: name of the inference in tables and plots.
+        **kwargs: the model's keyword arguments.
 
     Returns:
         An :class:`SBCResult`; ``result.table()`` prints it,
@@ -309,8 +318,8 @@ def simulation_based_calibration(
                      groups=groups)
 
 
-def plot_sbc(results: Mapping[str, object] | Sequence[object], path=None, *,
-             max_parameters: int = 6):
+def plot_sbc(results: Mapping[str, SBCResult] | Sequence[SBCResult],
+             path: str | os.PathLike | None = None, *, max_parameters: int = 6) -> Figure:
     """Rank-ECDF differences with 95 % simultaneous bands, one column per SBC result.
 
     Args:

@@ -210,6 +210,7 @@ class InflationSchedule(nn.Module):
         }
 
     def extra_repr(self) -> str:
+        """The schedule's settings, shown in the module's ``repr``."""
         return (
             f"{self.schedule}, dim={self.dim}, dims_to_keep={self.dims_to_keep}, "
             f"gamma0={self.gamma0:g}, rho={self.rho:g}, t_max={self.t_max:.3f}"

@@ -62,10 +62,13 @@ def test_sbc_is_reproducible_and_rejects_bad_arguments():
 
 
 # A Gaussian flow prior and one noisy observation of x0 + x1 + x2: the posterior is strongly
-# correlated in the latent too, so a mean-field guide's marginals are far too narrow.
+# correlated in the latent too, so a mean-field guide's marginals are far too narrow. The
+# noise is 0.3: at 0.1 NUTS needed 33 s a simulation (long trees across a posterior 10x
+# narrower in one direction), at 0.3 it needs 7 s, and mean-field SVI is still overconfident.
 S3 = torch.tensor([[2.0, 0.6, 0.2], [0.6, 1.0, 0.3], [0.2, 0.3, 0.5]], dtype=F64)
 M3 = torch.tensor([0.5, -1.0, 0.2], dtype=F64)
 A1 = torch.ones(1, 3, dtype=F64)
+NOISE_SBC = 0.3
 
 
 def flow_model():
@@ -74,7 +77,7 @@ def flow_model():
 
     def model(y):
         x = pyro.sample("x", prior)
-        pyro.sample("y", dist.Normal(x @ A1.T, 0.1).to_event(1), obs=y)
+        pyro.sample("y", dist.Normal(x @ A1.T, NOISE_SBC).to_event(1), obs=y)
     return model
 
 
@@ -109,16 +112,11 @@ def test_sbc_of_latent_inference_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_latent_nuts_is_calibrated_and_mean_field_svi_is_not():
-    # unthinned draws (a harder test of the ranks than the default thin=2) keep this short
-    nuts, svi = run_pair(num_simulations=20, num_workers=2, thin=1)
+    """The two SBC runs of 0.1.0 (20 unthinned and 150 thinned simulations) in one: 40
+    simulations with unthinned draws, a harder test of the ranks than thinned ones."""
+    nuts, svi = run_pair(num_simulations=40, num_workers=2, thin=1)
     assert nuts.passed
-    assert nuts.pooled_coverage(nuts.groups["x"])[-1] >= 0.85
-    assert svi.pooled_coverage(svi.groups["x"])[-1] < 0.9  # overconfident
-
-
-@pytest.mark.slow
-def test_sbc_big_run_nuts_vs_mean_field():
-    nuts, svi = run_pair(num_simulations=150, num_workers=2)
-    assert nuts.passed
-    assert np.allclose(nuts.pooled_coverage(), [0.5, 0.8, 0.95], atol=0.05)
-    assert not svi.passed and svi.pooled_coverage(svi.groups["x"])[-1] < 0.8
+    # pooled over 6 coordinates that are 3 independent ones: s.e. 0.046 at 50 %, 0.02 at 95 %
+    assert np.allclose(nuts.pooled_coverage(), [0.5, 0.8, 0.95], atol=0.12)
+    assert nuts.pooled_coverage(nuts.groups["x"])[-1] >= 0.88
+    assert not svi.passed and svi.pooled_coverage(svi.groups["x"])[-1] < 0.8  # overconfident

@@ -8,10 +8,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy import stats
+
+if TYPE_CHECKING:  # calibration sits above the flow and never imports it at run time
+    from ..flow import InflationaryFlow
 
 __all__ = ["LEVELS", "FLAG_SIGMAS", "latent_coverage", "interval_coverage", "roundtrip_error",
            "coverage_verdict", "error_norms", "check_levels", "as_numpy"]
@@ -24,21 +28,27 @@ LEVELS = (0.5, 0.68, 0.9, 0.95, 0.99)
 FLAG_SIGMAS = 3.0
 
 
-def as_numpy(x) -> np.ndarray:
+def as_numpy(x: object) -> np.ndarray:
     """``x`` (a tensor or array-like) as a float64 NumPy array."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
     return np.asarray(x, dtype=np.float64)
 
 
-def check_levels(levels) -> np.ndarray:
+def check_levels(levels: Sequence[float] | np.ndarray) -> np.ndarray:
+    """``levels`` as a flat float64 array, each in ``(0, 1)``.
+
+    Raises:
+        ValueError: no levels, or a level outside ``(0, 1)`` or NaN.
+    """
     levels = np.asarray(levels, dtype=np.float64).reshape(-1)
     if levels.size == 0 or ((levels <= 0) | (levels >= 1)).any() or np.isnan(levels).any():
         raise ValueError(f"levels: expected values in (0, 1), got {levels.tolist()}")
     return levels
 
 
-def coverage_verdict(coverage, levels, n: int) -> tuple[str, list[float]]:
+def coverage_verdict(coverage: Sequence[float] | np.ndarray, levels: Sequence[float] | np.ndarray,
+                     n: int) -> tuple[str, list[float]]:
     """``("calibrated" | "under-covers" | "over-covers", z-scores)`` of observed coverage.
 
     A level is off when ``|coverage - level|`` passes :data:`FLAG_SIGMAS` binomial standard
@@ -55,11 +65,11 @@ def coverage_verdict(coverage, levels, n: int) -> tuple[str, list[float]]:
     return ("under-covers" if z[worst] < 0 else "over-covers"), z.tolist()
 
 
-def latent_coverage(z, levels: Sequence[float] = LEVELS) -> dict:
+def latent_coverage(z: torch.Tensor | np.ndarray, levels: Sequence[float] = LEVELS) -> dict:
     """Fraction of latents inside the chi-square(d) regions ``||z||^2 <= q_level``.
 
     Args:
-        z: latents ``(n, d)``, ideally ``N(0, I_d)``.
+        z: latents ``(n, d)`` (tensor or array-like), ideally ``N(0, I_d)``.
         levels: nominal coverage levels in ``(0, 1)``.
 
     Returns:
@@ -95,7 +105,7 @@ def latent_coverage(z, levels: Sequence[float] = LEVELS) -> dict:
     }
 
 
-def error_norms(x, x_back) -> dict:
+def error_norms(x: torch.Tensor | np.ndarray, x_back: torch.Tensor | np.ndarray) -> dict:
     """Distances ``||x - x_back||`` per point ``(n, D)``: RMS, median and max."""
     x = torch.as_tensor(x, dtype=torch.float64)
     err = (x - torch.as_tensor(x_back, dtype=torch.float64)).norm(dim=-1)
@@ -103,12 +113,14 @@ def error_norms(x, x_back) -> dict:
             "max": float(err.max())}
 
 
-def interval_coverage(draws, truth, level: float = 0.9) -> dict:
+def interval_coverage(draws: torch.Tensor | np.ndarray, truth: torch.Tensor | np.ndarray,
+                      level: float = 0.9) -> dict:
     """How often central posterior intervals contain the true values.
 
     Args:
-        draws: posterior draws ``(S, *shape)``, e.g. ``(S, K, D)`` pixels of ``K`` images.
-        truth: the true values ``(*shape)``.
+        draws: posterior draws ``(S, *shape)`` (tensor or array-like), e.g. ``(S, K, D)``
+            pixels of ``K`` images.
+        truth: the true values ``(*shape)`` (tensor or array-like).
         level: probability of the central interval, between the ``(1 - level) / 2`` and
             ``(1 + level) / 2`` quantiles of the draws of each value.
 
@@ -132,7 +144,8 @@ def interval_coverage(draws, truth, level: float = 0.9) -> dict:
             "stderr": float(np.sqrt(cov * (1 - cov) / n)), "width": float((hi - lo).mean())}
 
 
-def roundtrip_error(flow, x, **solver) -> dict:
+def roundtrip_error(flow: InflationaryFlow, x: torch.Tensor | np.ndarray,
+                    **solver: object) -> dict:
     """Encode ``x`` ``(n, D)`` and decode it back: ``||x - decode(encode(x))||`` in data units.
 
     For a PR-reducing flow this is the distance to the learned manifold (the reconstruction

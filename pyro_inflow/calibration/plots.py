@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
@@ -11,6 +12,9 @@ from scipy import stats
 
 from .. import _io
 from .coverage import as_numpy
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["plot_calibration", "save_png"]
 
@@ -24,7 +28,8 @@ def save_png(fig: Figure, path: str | Path, dpi: int = 110) -> None:
         plt.close(fig)
 
 
-def plot_calibration(report: dict, out_dir, x=None) -> list:
+def plot_calibration(report: dict, out_dir: str | Path,
+                     x: torch.Tensor | np.ndarray | None = None) -> list:
     """Write the PNGs of :command:`pyro-inflow calibrate` from a :func:`flow_calibration` report.
 
     ``coverage.png`` (observed vs nominal with binomial 95 % bars, latent and data-space),

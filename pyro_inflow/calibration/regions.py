@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy import stats
 
 from .coverage import LEVELS, as_numpy, check_levels, coverage_verdict
+
+if TYPE_CHECKING:  # calibration sits above the flow and never imports it at run time
+    from ..flow import InflationaryFlow
 
 __all__ = ["credible_regions", "icosphere", "winding_number"]
 
@@ -26,7 +30,7 @@ def icosphere(subdivisions: int) -> tuple[np.ndarray, np.ndarray]:
     for _ in range(subdivisions):
         cache: dict[tuple[int, int], int] = {}
 
-        def mid(a: int, b: int, cache=cache) -> int:
+        def mid(a: int, b: int, cache: dict[tuple[int, int], int] = cache) -> int:
             key = (min(a, b), max(a, b))
             if key not in cache:
                 m = verts[a] + verts[b]
@@ -64,8 +68,9 @@ def winding_number(points: np.ndarray, verts: np.ndarray, faces: np.ndarray,
     return out
 
 
-def credible_regions(flow, x, levels: Sequence[float] = LEVELS, *, resolution: int | None = None,
-                     **solver) -> dict:
+def credible_regions(flow: InflationaryFlow, x: torch.Tensor | np.ndarray,
+                     levels: Sequence[float] = LEVELS, *, resolution: int | None = None,
+                     **solver: object) -> dict:
     """The paper's data-space check: decode the latent chi-square spheres, count points inside.
 
     For a PR-preserving flow on 2-D or 3-D data, the sphere ``||z|| = r_p`` with
@@ -85,7 +90,7 @@ def credible_regions(flow, x, levels: Sequence[float] = LEVELS, *, resolution: i
 
     Args:
         flow: a PR-preserving :class:`~pyro_inflow.InflationaryFlow` with ``D`` in ``{2, 3}``.
-        x: held-out data ``(n, D)``.
+        x: held-out data ``(n, D)`` (tensor or array-like).
         levels: nominal levels in ``(0, 1)``.
         resolution: polygon points (2-D) or icosphere subdivisions (3-D).
         **solver: solver options for the decode (``rtol``, ``method``, ...).

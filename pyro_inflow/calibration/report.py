@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -10,16 +11,20 @@ import torch
 from .coverage import LEVELS, as_numpy, error_norms, latent_coverage
 from .regions import credible_regions
 
+if TYPE_CHECKING:  # calibration sits above the flow and never imports it at run time
+    from ..flow import InflationaryFlow
+
 __all__ = ["flow_calibration", "identifiability", "calibration_table", "report_json"]
 
 
-def flow_calibration(flow, x, levels: Sequence[float] = LEVELS, *, regions: bool = True,
-                     noise: bool = True, seed: int = 0, **solver) -> dict:
+def flow_calibration(flow: InflationaryFlow, x: torch.Tensor | np.ndarray,
+                     levels: Sequence[float] = LEVELS, *, regions: bool = True,
+                     noise: bool = True, seed: int = 0, **solver: object) -> dict:
     """Everything :command:`pyro-inflow calibrate` reports about a flow on held-out data.
 
     Args:
         flow: an :class:`~pyro_inflow.InflationaryFlow`.
-        x: held-out data ``(n, D)``, not used in training.
+        x: held-out data ``(n, D)`` (tensor or array-like), not used in training.
         levels: nominal levels of the chi-square regions.
         regions: add :func:`credible_regions` when the flow is PR-preserving with ``D <= 3``.
         noise: check the points plus the flow's ``t = 0`` noise
@@ -27,6 +32,7 @@ def flow_calibration(flow, x, levels: Sequence[float] = LEVELS, *, regions: bool
             the distribution the flow transports. Without it, directions whose variance is
             close to ``gamma0`` (dequantized pixels) encode too close to the origin and the
             coverage reads too high; on the 2-D and 3-D toys it changes nothing visible.
+        seed: seed of the noise.
         **solver: solver options for encode and decode (default: the flow's).
 
     Returns:
@@ -61,12 +67,15 @@ def flow_calibration(flow, x, levels: Sequence[float] = LEVELS, *, regions: bool
     return report
 
 
-def identifiability(flow_a, flow_b, x, **solver) -> dict:
+def identifiability(flow_a: InflationaryFlow, flow_b: InflationaryFlow,
+                    x: torch.Tensor | np.ndarray, **solver: object) -> dict:
     """How far apart two flows' latents are on the same points (e.g. two training seeds).
 
     Args:
-        flow_a, flow_b: flows of the same data dimension and latent dimension.
-        x: points ``(n, D)``, ideally held out from both trainings.
+        flow_a: a flow.
+        flow_b: a flow of the same data dimension and latent dimension.
+        x: points ``(n, D)`` (tensor or array-like), ideally held out from both trainings.
+        **solver: solver options of both encodes.
 
     Returns:
         ``{"rms_diff", "latent_scale", "relative", "correlation", "n"}``: the RMS over points

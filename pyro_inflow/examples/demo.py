@@ -32,7 +32,7 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _plot(path: Path, held: torch.Tensor, z: torch.Tensor, samples: torch.Tensor, cov: dict):
+def _plot(path: Path, held: np.ndarray, z: np.ndarray, samples: np.ndarray, cov: dict) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13.5, 4.4), constrained_layout=True)
@@ -60,7 +60,8 @@ def _plot(path: Path, held: torch.Tensor, z: torch.Tensor, samples: torch.Tensor
     _io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
-def _plot_posterior(path: Path, prior_x, nuts_x, svi_x) -> None:
+def _plot_posterior(path: Path, prior_x: np.ndarray, nuts_x: np.ndarray,
+                    svi_x: np.ndarray) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10.5, 4.6), constrained_layout=True)
@@ -86,7 +87,9 @@ def run_demo(out: Path, n: int = 20_000, steps: int = 4000, seed: int = 0,
 
     Args:
         out: output folder (created).
-        n, steps, seed: training points, training steps and seed.
+        n: training points.
+        steps: training steps.
+        seed: seed of the data, the training and the inference.
         progress: progress bars (training, NUTS, SVI).
         n_heldout: held-out points for the calibration.
         draws: NUTS draws per chain (two chains, as many warm-up steps).

@@ -19,7 +19,10 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -27,15 +30,18 @@ from torch import Tensor
 
 from .._validation import check_data
 
+if TYPE_CHECKING:
+    from ..flow import InflationaryFlow
+
 __all__ = ["corrupt", "inpainting_model"]
 
 
-def corrupt(x, *, hidden: float = 0.5, sigma: float = 0.1, seed: int = 0
+def corrupt(x: Tensor | np.ndarray, *, hidden: float = 0.5, sigma: float = 0.1, seed: int = 0
             ) -> tuple[Tensor, Tensor]:
     """Hide a random ``hidden`` fraction of each image's pixels and add noise to the rest.
 
     Args:
-        x: clean images ``(K, D)``.
+        x: clean images ``(K, D)`` (tensor or array-like, floating).
         hidden: fraction of pixels hidden in each image (the same count in every image,
             different pixels), in ``[0, 1)``.
         sigma: standard deviation of the Gaussian noise on the observed pixels, ``> 0``.
@@ -63,7 +69,8 @@ def corrupt(x, *, hidden: float = 0.5, sigma: float = 0.1, seed: int = 0
     return y, mask.to(x.device)
 
 
-def inpainting_model(flow, sigma: float = 0.1, **prior_options):
+def inpainting_model(flow: InflationaryFlow, sigma: float = 0.1,
+                     **prior_options: object) -> Callable[[Tensor, Tensor], None]:
     """A Pyro model ``model(y, mask)`` of ``K`` images with ``flow`` as their prior.
 
     ``x ~ flow.prior()`` in a plate of ``K`` images (site ``"x"``, ``(K, D)``) and

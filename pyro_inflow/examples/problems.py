@@ -40,7 +40,9 @@ def quadrature_right_moon(log_prior: Callable[[Tensor], Tensor], lo: tuple[float
     Args:
         log_prior: log-density of the prior at points ``(m, 2)`` (float64), e.g.
             ``lambda x: flow.log_prob(x, method="warped_rk4")``.
-        lo, hi: the grid's corners. n: points per axis.
+        lo: the grid's lower corner.
+        hi: the grid's upper corner.
+        n: points per axis.
     """
     g0 = torch.linspace(lo[0], hi[0], n, dtype=torch.float64)
     g1 = torch.linspace(lo[1], hi[1], n, dtype=torch.float64)

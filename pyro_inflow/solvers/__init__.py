@@ -47,18 +47,21 @@ def solve(
     Args:
         field: the right-hand side.
         w0: initial standardized state ``(*, D)``.
-        t0, t1: start and end time (``t1 < t0`` integrates backward).
+        t0: start time.
+        t1: end time (``t1 < t0`` integrates backward).
         logdet: also integrate ``log |det dw(t1)/dw(t0)|``.
         trace: ``"exact"`` or ``"hutchinson"`` (Rademacher probes drawn once from ``seed``).
         num_probes: Hutchinson probes.
+        seed: seed of the Hutchinson probes.
         method: a name in ``METHODS``: ``"warped_rk4"`` (fixed grid with an embedded error
             estimate) or a torchdiffeq method, adaptive (``"dopri5"``, ...) or fixed-step
             (``"euler"``, ``"rk4"``, ...).
-        rtol, atol: adaptive tolerances per point (default ``1e-5``; ``atol=None`` means
-            ``atol = rtol``; the state is standardized, so both are on the same scale). For
-            ``warped_rk4``, ``rtol`` (default ``WARPED_RTOL``) is the error budget: without
-            ``num_steps`` the steps double from ``WARPED_STEPS`` until the error estimate
-            meets it; with ``num_steps`` a solve whose estimate exceeds it raises.
+        rtol: adaptive relative tolerance per point (default ``1e-5``; the state is
+            standardized, so it is on the same scale as ``atol``). For ``warped_rk4``,
+            ``rtol`` (default ``WARPED_RTOL``) is the error budget: without ``num_steps`` the
+            steps double from ``WARPED_STEPS`` until the error estimate meets it; with
+            ``num_steps`` a solve whose estimate exceeds it raises.
+        atol: adaptive absolute tolerance per point (``None`` means ``atol = rtol``).
         **options: the method's own options (``None`` means its default): ``num_steps``
             (``warped_rk4``: ``4 num_steps + 1`` evaluations), ``step_size`` (fixed-step
             torchdiffeq methods), ``max_num_steps`` and ``first_step`` (adaptive ones),

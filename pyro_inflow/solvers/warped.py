@@ -60,7 +60,10 @@ def warped_grid(lam: Tensor, rate: Tensor, gamma0: float, t_max: float,
     some dimension moves fast and sparse in the tails. Computed in float64 on the CPU.
 
     Args:
-        lam: ``(D,)`` eigenvalues. rate: ``(D,)`` ``rho (1 + g)``. gamma0, t_max: the schedule's.
+        lam: ``(D,)`` eigenvalues.
+        rate: ``(D,)`` ``rho (1 + g)``.
+        gamma0: the schedule's noise variance at ``t = 0``.
+        t_max: the schedule's end time ``T``.
         num_steps: RK4 steps ``N``.
     """
     rate_t = rate.detach().to("cpu", torch.float64)
@@ -98,7 +101,8 @@ def warped_rk4(func: nn.Module, y0: Tensor, grid: tuple[Tensor, Tensor], backwar
 
     Args:
         func: ``f(t, y, terms)`` with a ``time_terms(t)`` method.
-        y0: ``(*, S)``. grid: :func:`warped_grid` in ``y0``'s dtype and device.
+        y0: ``(*, S)``.
+        grid: :func:`warped_grid` in ``y0``'s dtype and device.
         backward: integrate from ``t_max`` to 0.
 
     Returns:

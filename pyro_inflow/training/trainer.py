@@ -292,6 +292,7 @@ class Trainer:
             checkpoint: write a resumable checkpoint here every ``checkpoint_every`` steps, at
                 the end, and when SIGINT/SIGTERM (Ctrl-C) or a ``KeyboardInterrupt`` from
                 ``callback`` stops the run between two steps; the interrupt is then re-raised.
+            checkpoint_every: steps between two checkpoints.
             resume: continue from this checkpoint (same data and settings; ``steps`` may grow).
             progress: a tqdm bar with the loss, validation loss and samples per second.
             callback: called with a :class:`TrainState` after every step.
