@@ -105,14 +105,8 @@ class InflationaryFlow(nn.Module):
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_gaussian_mixture(
-        cls,
-        weights: Tensor,
-        means: Tensor,
-        covariances: Tensor,
-        *,
-        schedule: str = "prp",
-        dims_to_keep: int | None = None,
-        dtype: torch.dtype = torch.float64,
+        cls, weights: Tensor, means: Tensor, covariances: Tensor, *, schedule: str = "prp",
+        dims_to_keep: int | None = None, dtype: torch.dtype = torch.float64,
         **schedule_options: float | None,
     ) -> InflationaryFlow:
         """Exact flow of the mixture ``sum_k weights_k N(means_k, covariances_k)``.
@@ -146,19 +140,11 @@ class InflationaryFlow(nn.Module):
 
     @classmethod
     def fit(
-        cls,
-        data: Tensor,
-        schedule: str = "prp",
-        dims_to_keep: int | None = None,
-        *,
-        checkpoint: str | os.PathLike | None = None,
-        checkpoint_every: int = 1000,
-        resume: str | os.PathLike | None = None,
-        progress: bool = True,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device | None = None,
-        callback: Callable[[TrainState], None] | None = None,
-        **settings: object,
+        cls, data: Tensor, schedule: str = "prp", dims_to_keep: int | None = None, *,
+        checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1000,
+        resume: str | os.PathLike | None = None, progress: bool = True,
+        dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+        callback: Callable[[TrainState], None] | None = None, **settings: object,
     ) -> InflationaryFlow:
         """Learn an inflationary flow from samples.
 
@@ -251,15 +237,17 @@ class InflationaryFlow(nn.Module):
         """Data ``x`` of a standardized state ``w(0)``: ``(*, D) -> (*, D)`` (no solve)."""
         return self.basis.from_eigen(w * self._sigma0_root())
 
-    def _solve(self, w: Tensor, t0: float, t1: float, return_info: bool,
-               **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
-        w1, _, info = solve(self.field, w, t0, t1, **solver)
-        return (w1, info) if return_info else w1
+    def _solve(self, w: Tensor, t0: float, t1: float,
+               **solver: object) -> tuple[Tensor, Tensor | None, SolveInfo]:
+        if solver.get("trace") == "auto":  # the exact trace up to D = 16
+            solver["trace"] = "exact" if self.dim <= 16 else "hutchinson"
+        return solve(self.field, w, t0, t1, **solver)
 
     def encode_full(self, x: Tensor, *, return_info: bool = False,
                     **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
         """Standardized state ``w(T)`` on all ``D`` dimensions, ``(*, D) -> (*, D)``."""
-        return self._solve(self.to_state(x), 0.0, self.schedule.t_max, return_info, **solver)
+        w, _, info = self._solve(self.to_state(x), 0.0, self.schedule.t_max, **solver)
+        return (w, info) if return_info else w
 
     def encode(self, x: Tensor, *, return_info: bool = False,
                **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
@@ -300,8 +288,7 @@ class InflationaryFlow(nn.Module):
 
         The inverse of :meth:`encode_full`; for PR-preserving flows the same as :meth:`decode`.
         """
-        w = self.check_points(w, "w")
-        w0, info = self._solve(w, self.schedule.t_max, 0.0, True, **solver)
+        w0, _, info = self._solve(self.check_points(w, "w"), self.schedule.t_max, 0.0, **solver)
         x = self.from_state(w0)
         return (x, info) if return_info else x
 
@@ -310,14 +297,11 @@ class InflationaryFlow(nn.Module):
                            ) -> tuple[Tensor, Tensor, SolveInfo]:
         """:meth:`decode_full` and ``log |det dx/dw|`` in one augmented solve:
         ``(*, D) -> ((*, D), (*), SolveInfo)``. Trace keywords as in :meth:`log_prob`."""
-        w = self.check_points(w, "w")
-        w0, logdet, info = solve(self.field, w, self.schedule.t_max, 0.0, logdet=True,
-                                 trace=self._trace(trace), num_probes=num_probes, seed=seed,
-                                 **solver)
+        w0, logdet, info = self._solve(self.check_points(w, "w"), self.schedule.t_max, 0.0,
+                                       logdet=True, trace=trace, num_probes=num_probes,
+                                       seed=seed, **solver)
         return self.from_state(w0), logdet + self._affine_logdet(), info
 
-    def _trace(self, trace: str) -> str:  # "auto": exact for D <= 16
-        return ("exact" if self.dim <= 16 else "hutchinson") if trace == "auto" else trace
     def _affine_logdet(self) -> Tensor:  # log |det dx/dw(0)| of x = from_state(w(0))
         return torch.log(self._sigma0_root()).sum() - self.basis.log_abs_det()
 
@@ -376,9 +360,8 @@ class InflationaryFlow(nn.Module):
         """
         if not full_rank:
             self.require_density("log_prob")
-        wT, logdet, info = solve(self.field, self.to_state(x), 0.0, self.schedule.t_max,
-                                 logdet=True, trace=self._trace(trace), num_probes=num_probes,
-                                 seed=seed, **solver)
+        wT, logdet, info = self._solve(self.to_state(x), 0.0, self.schedule.t_max, logdet=True,
+                                       trace=trace, num_probes=num_probes, seed=seed, **solver)
         log_normal = -0.5 * (wT.square().sum(-1) + self.dim * math.log(2 * math.pi))
         lp = log_normal + logdet - self._affine_logdet()
         return (lp, info) if return_info else lp

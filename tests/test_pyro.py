@@ -154,10 +154,10 @@ def test_latent_potential_is_the_data_potential_minus_the_log_det():
     """Pyro's reparam, exactly: for z in the latent and x = decode(z), the log-joint of the
     rewritten model is that of the original model at x plus log |det dx/dz|."""
     flow = mixture_flow(D=3, K=2, seed=1)
-    prior = flow.prior(method="dopri5", rtol=1e-10)
+    prior = flow.prior(method="dopri5", rtol=1e-9)
     model = linear_model(prior)
     latent = pif.reparam_flow_priors(model)
-    for z in torch.randn(3, 3):
+    for z in torch.randn(2, 3):
         tr = pyro.poutine.trace(pyro.condition(latent, {"x_base": z})).get_trace(Y)
         twice = pyro.poutine.trace(pyro.condition(pif.reparam_flow_priors(latent),
                                                   {"x_base": z})).get_trace(Y)
@@ -241,11 +241,11 @@ def test_plates_chains_and_predictive():
             pyro.sample("y", dist.Normal(x.sum(-1), 0.5), obs=y)
 
     y = torch.tensor([0.2, -1.0, 1.5])
-    mcmc = pif.latent_nuts(model, y, num_samples=50, warmup_steps=50, num_chains=2,
+    mcmc = pif.latent_nuts(model, y, num_samples=20, warmup_steps=20, num_chains=2,
                            progress=False)
-    assert mcmc.get_samples()["x_base"].shape == (100, 3, 2)
+    assert mcmc.get_samples()["x_base"].shape == (40, 3, 2)
     both = pif.posterior_samples(mcmc, group_by_chain=True)
-    assert both["x"].shape == (2, 50, 3, 2) and both["x_base"].shape == (2, 50, 3, 2)
+    assert both["x"].shape == (2, 20, 3, 2) and both["x_base"].shape == (2, 20, 3, 2)
     # the data-space values are the decodes of the latent draws
     assert torch.allclose(both["x"], prior.transforms[0](both["x_base"]), atol=1e-12)
     assert not torch.allclose(both["x"][0], both["x"][1])  # two different chains
@@ -261,10 +261,10 @@ def test_prr_prior_with_nuts_stays_on_the_manifold():
         x = pyro.sample("x", flow.prior(method="dopri5", rtol=1e-4))
         pyro.sample("y", dist.Normal(x[..., 0] + x[..., 1], 0.3), obs=y)
 
-    mcmc = pif.latent_nuts(model, torch.tensor(0.5), num_samples=10, warmup_steps=10,
+    mcmc = pif.latent_nuts(model, torch.tensor(0.5), num_samples=6, warmup_steps=6,
                            max_tree_depth=4, progress=False)
     x = pif.posterior_samples(mcmc)["x"]
-    assert x.shape == (10, 3) and mcmc.get_samples()["x_base"].shape == (10, 2)
+    assert x.shape == (6, 3) and mcmc.get_samples()["x_base"].shape == (6, 2)
     # on the manifold: the compressed coordinates of the full latent vanish
     w = flow.encode_full(x, rtol=1e-8)
     assert w[:, 2].abs().max() < 1e-3 and w[:, :2].abs().max() > 0.1

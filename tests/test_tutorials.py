@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,14 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-TUTORIALS = sorted((Path(__file__).resolve().parent.parent / "tutorials").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parent.parent
+TUTORIALS = sorted((ROOT / "tutorials").glob("*.ipynb"))
 
 
-def test_there_are_tutorials():
-    assert len(TUTORIALS) >= 5
+def test_the_readme_lists_every_tutorial_and_each_link_exists():
+    """The slow test below runs what is on disk; the README must point at exactly that."""
+    linked = set(re.findall(r"\(tutorials/([\w.]+\.ipynb)\)", (ROOT / "README.md").read_text()))
+    assert linked == {p.name for p in TUTORIALS} and len(linked) >= 5
 
 
 @pytest.mark.slow  # about 4 minutes for all five; .ci/run runs the slow tests too
