@@ -3,7 +3,8 @@ the JSON results.
 
 The scripts run as ``python benchmarks/bench_X.py``, which puts this folder on ``sys.path``, so
 they import it as ``from _harness import ...``. Every script takes ``--quick`` (small settings,
-a smoke run in a minute or two) and writes its JSON through :func:`write_results`: published
+a smoke run: about a minute for most, 9 for bench_seam, longer for bench_pyro) and writes its
+JSON through :func:`write_results`: published
 figures to ``benchmarks/results/{name}.json``, quick runs to ``benchmarks/results/quick/``
 (ignored by git), so a smoke run never overwrites a published result.
 """
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-QUICK_HELP = ("small settings: a smoke run in a minute or two; results go to "
+QUICK_HELP = ("small settings, a smoke run (minutes, not hours, on 2 cores); results go to "
               "benchmarks/results/quick/, never over the published JSON")
 
 
