@@ -27,7 +27,9 @@ def test_flow_trained_on_gaussian_data_is_whitening():
 
 def test_training_on_moons_lowers_validation_loss_and_is_reproducible():
     x = datasets.load("moons", n=4000, seed=0)
+    default = torch.get_default_dtype()  # float64 here (conftest); training builds float32
     a = InflationaryFlow.fit(x, **FAST, seed=3)
+    assert torch.get_default_dtype() == default  # and never switches the global default
     b = InflationaryFlow.fit(x, **FAST, seed=3)
     c = InflationaryFlow.fit(x, **FAST, seed=4)
     val = a.history["val_loss"]
