@@ -44,24 +44,27 @@ class Denoiser(nn.Module):
 
     * :meth:`time_terms`: everything that depends on the time alone, computed once per time
       (and by ``warped_rk4`` once per solve for its whole grid);
-    * :meth:`residual`: ``(c_skip ut - Dn(ut, t)) / sqrt(sigma(t))`` at the standardized state
-      ``w = ut / sqrt(sigma(t))``, ``sigma = lam + gamma``, ``c_skip = lam / sigma`` (zero for
-      Gaussian data, whose denoiser is ``c_skip ut``).
+    * :meth:`velocity`: the pfODE's ``dw/dt = 0.5 rho (1 + g) (c_skip ut - Dn(ut, t)) /
+      sqrt(sigma(t))`` at the standardized state ``w = ut / sqrt(sigma(t))``,
+      ``sigma = lam + gamma``, ``c_skip = lam / sigma`` (zero for Gaussian data, whose denoiser
+      is ``c_skip ut``). It is called thousands of times a solve: every factor that depends on
+      time alone belongs in :meth:`time_terms`.
     """
 
     schedule: InflationSchedule
 
     def time_terms(self, t: Tensor, lam: Tensor) -> tuple[Tensor, ...]:
-        """``(t, sqrt(sigma(t)), c_skip(t))``: times ``(*t)``, the others ``(*t, D)``."""
+        """``(t, sqrt(sigma), c_skip, 0.5 rho (1 + g) / sqrt(sigma))`` at times ``t``
+        ``(*t)``: the times, then three ``(*t, D)``."""
         sigma = self.schedule.sigma(t, lam)
-        return t, torch.sqrt(sigma), lam / sigma
+        root = torch.sqrt(sigma)
+        return t, root, lam / sigma, (0.5 * self.schedule.rate) / root
 
-    def residual(self, w: Tensor, terms: tuple[Tensor, ...]) -> Tensor:
-        """``(c_skip ut - Dn(ut, t)) / sqrt(sigma)`` for ``w`` ``(*, D)`` and the
-        :meth:`time_terms` of one time."""
-        t, root, c_skip = terms
+    def velocity(self, w: Tensor, terms: tuple[Tensor, ...]) -> Tensor:
+        """``dw/dt`` ``(*, D)`` at ``w`` ``(*, D)`` from the :meth:`time_terms` of one time."""
+        t, root, c_skip, speed = terms
         ut = w * root
-        return (c_skip * ut - self(ut, t)) / root
+        return speed * (c_skip * ut - self(ut, t))
 
 
 def check_mixture(
@@ -264,20 +267,20 @@ class PreconditionedDenoiser(Denoiser):
         return c_skip * ut + c_out * self.network(c_in * ut, c_noise)
 
     def time_terms(self, t: Tensor, lam: Tensor | None = None) -> tuple[Tensor, ...]:
-        """``c_out / sqrt(sigma)`` ``(*t, D)`` and the network's ``time_features(c_noise)``;
-        the ``lam`` argument is ignored (this denoiser holds its own)."""
+        """``-0.5 rho (1 + g) c_out / sqrt(sigma)`` ``(*t, D)`` and the network's
+        ``time_features(c_noise)``; the ``lam`` argument is ignored (this denoiser holds its
+        own)."""
         t = as_time(t, self.lam)
         gamma = self.schedule.gamma(t)
         sigma = self.schedule.sigma(t, self.lam)
-        coef = torch.sqrt(self.lam * gamma) / sigma
+        coef = -(0.5 * self.schedule.rate) * torch.sqrt(self.lam * gamma) / sigma
         c_noise = t / self.schedule.t_max
         return coef, *self.network.time_features(c_noise)
 
-    def residual(self, w: Tensor, terms: tuple[Tensor, ...]) -> Tensor:
-        """``c_skip ut - Dn = -c_out F(c_in ut, c_noise)`` over ``sqrt(sigma)``, and
-        ``c_in ut = w``: one network call on the standardized state, no cancellation."""
-        coef, *features = terms
-        return -coef * self.network.forward_features(w, tuple(features))
+    def velocity(self, w: Tensor, terms: tuple[Tensor, ...]) -> Tensor:
+        """``c_skip ut - Dn = -c_out F(c_in ut, c_noise)`` and ``c_in ut = w``: one network
+        call on the standardized state and one product, no cancellation."""
+        return terms[0] * self.network.forward_features(w, terms[1:])
 
     def loss(self, u: Tensor, t: Tensor, eps: Tensor, network: nn.Module | None = None) -> Tensor:
         r"""Denoising score-matching loss ``sum_i (Dn_i - u_i)^2 / c_out_i^2``, shape ``(B,)``.

@@ -45,14 +45,11 @@ class PFODEField(nn.Module):
     """
 
     lam: Tensor
-    half_rate: Tensor
 
     def __init__(self, denoiser: Denoiser, lam: Tensor) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.register_buffer("lam", lam)
-        self.register_buffer("half_rate", 0.5 * denoiser.schedule.rate.to(lam.dtype),
-                             persistent=False)
 
     @property
     def schedule(self) -> InflationSchedule:
@@ -69,7 +66,7 @@ class PFODEField(nn.Module):
         """``dw/dt`` for ``w`` of shape ``(*, D)`` at scalar ``t``; ``terms`` are
         :meth:`time_terms` of ``t``, computed here when not given."""
         terms = self.time_terms(t) if terms is None else terms
-        return self.half_rate * self.denoiser.residual(w, terms)
+        return self.denoiser.velocity(w, terms)
 
     def with_divergence(self, t: Tensor, w: Tensor, probes: Tensor, weight: float,
                         terms: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor]:
