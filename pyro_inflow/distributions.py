@@ -95,12 +95,12 @@ class InflationaryFlowPrior(dist.TransformedDistribution):
                 f"InflationaryFlowPrior.log_prob: expected values of shape (*, {flow.dim}) "
                 f"for this flow (D={flow.dim}), got shape {tuple(value.shape)}"
             )
-        value = t.checked(value, latent=False) if t.cached_ladj(value) is None else value
         cached = t.cached_ladj(value)
         if cached is not None:
             z, ladj = cached
             lp = self.base_dist.log_prob(z) - ladj
         else:
+            value = t.checked(value, latent=False)
             lp, info = flow.log_prob(value, full_rank=True, return_info=True,
                                      **t.solver_options(trace=True))
             t.record(info)

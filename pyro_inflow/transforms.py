@@ -189,11 +189,7 @@ class InflationaryFlowTransform(Transform):
         ``t.log_abs_det_jacobian(z, x)`` the log-determinant, each without a solve, so a
         ``TransformedDistribution.log_prob`` of this ``x`` costs nothing more.
         """
-        if not self.full_rank:
-            self.flow.require_density("call_and_ladj")
-        w = self.checked(z, latent=True)
-        x, ladj, info = self.flow.decode_with_logdet(w, **self.solver_options(trace=True))
-        self.record(info)
+        x, ladj = self._decode_with_logdet(z, "call_and_ladj")
         if self._cache_size == 1:
             self._cached_x_y = z, x
             self._cached_ladj = z, x, ladj
@@ -210,15 +206,19 @@ class InflationaryFlowTransform(Transform):
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
         """``log |det dx/dz|`` ``(*)``, integrated along the decode of ``z`` (cached after
         :meth:`call_and_ladj`)."""
-        if not self.full_rank:
-            self.flow.require_density("log_abs_det_jacobian")
         cached = self._cached_ladj
         if cached is not None and cached[0] is z and cached[1] is x:
             return cached[2]
-        w = self.checked(z, latent=True)
-        _, ladj, info = self.flow.decode_with_logdet(w, **self.solver_options(trace=True))
+        return self._decode_with_logdet(z, "log_abs_det_jacobian")[1]
+
+    def _decode_with_logdet(self, z: Tensor, where: str) -> tuple[Tensor, Tensor]:
+        """The decode of ``z`` and its log-determinant in one augmented solve, watched."""
+        if not self.full_rank:
+            self.flow.require_density(where)
+        x, ladj, info = self.flow.decode_with_logdet(self.checked(z, latent=True),
+                                                     **self.solver_options(trace=True))
         self.record(info)
-        return ladj
+        return x, ladj
 
     # ------------------------------------------------------------------ plumbing
     def with_cache(self, cache_size: int = 1) -> InflationaryFlowTransform:

@@ -192,7 +192,9 @@ class Trainer:
                                 dtype=torch.float32)
         self.model = PreconditionedDenoiser(schedule, lam.clone(), net.to(dtype)).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.model.network.parameters(), lr=config.lr)
+        self.params = list(self.model.network.parameters())
+        self.ema_params = list(self.ema.network.parameters())
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr)
         self.network = self.model.network
         if self.size > 1:
             self.network = DistributedDataParallel(
@@ -237,14 +239,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # the norm of the (all-reduced) gradient: non-finite on every rank at once if on any
-        params = list(self.model.network.parameters())
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         if not torch.isfinite(norm):
             raise _Diverged(float(loss.detach()))
         self.optimizer.step()
         decay = min(cfg.ema_decay, (1 + self.done) / (10 + self.done))
         with torch.no_grad():
-            for pe, p in zip(self.ema.network.parameters(), params):
+            for pe, p in zip(self.ema_params, self.params):
                 pe.lerp_(p, 1 - decay)
         return loss.detach()
 
