@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import Counted, SolveInfo, SolverError, nonfinite
+from .fused import fused_warped_rk4
 
 __all__ = ["WarpedRK4", "warped_grid", "warped_rk4", "WARPED_STEPS", "WARPED_RTOL",
            "WARPED_MAX_STEPS", "WARP_POWER", "WARP_SCALE"]
@@ -166,7 +167,8 @@ class WarpedRK4:
         steps, nfe = fixed or WARPED_STEPS, 0
         while True:
             grid = self.grid(field, steps, y0)
-            y1, err = warped_rk4(func, y0, grid, backward=t0 > t1)
+            fast = fused_warped_rk4(func, y0, grid, t0 > t1) if func is field else None
+            y1, err = fast if fast is not None else warped_rk4(func, y0, grid, t0 > t1)
             nfe += 4 * steps + 1
             if not torch.isfinite(y1).all():
                 # rare path: solve again, watching every evaluation, to say where it went wrong
