@@ -16,12 +16,13 @@
    wrong answer, which only the several-chain figures show. Also Pyro's NeuTra on the spline
    model (``AutoIAFNormal`` fitted by SVI, then ``NeuTraReparam`` and NUTS), same posterior.
 
-    python benchmarks/bench_pyro.py [--quick] [--gradients]
+    python benchmarks/bench_pyro.py [--quick] [--gradients] [--latent-only]
 
-``--gradients`` runs part 1 only, in float32 and float64 (a few minutes), and writes
-benchmarks/results/pyro_gradients.json. ``--quick``: 400 training steps, 1 timing round,
-a 61 x 61 quadrature, 2 chains x (100 + 100), 300 NeuTra steps, written to
-benchmarks/results/quick/.
+``--latent-only`` runs the latent-NUTS row of part 2 alone (with its quadrature) and writes
+benchmarks/results/pyro_latent.json. ``--gradients`` runs part 1 only, in float32 and
+float64 (a few minutes), and writes benchmarks/results/pyro_gradients.json. ``--quick``:
+400 training steps, 1 timing round, a 61 x 61 quadrature, 2 chains x (100 + 100), 300 NeuTra
+steps, written to benchmarks/results/quick/.
 
 The moons problem (``Y_OBS``, ``NOISE``, the model and the quadrature) is
 :mod:`pyro_inflow.examples.problems`, shared with the tests and the demo.
@@ -196,11 +197,35 @@ def run_nuts(model, y, num_samples, warmup, chains, seed=0, latent=False,
             "frac_x0_gt_0_per_chain": (x[..., 0] > 0).mean(1).tolist()}
 
 
+def latent_only(flow, data, n_samp: int, chains: int, steps: int, train_s: float,
+                quick: bool) -> None:
+    """Latent NUTS on our prior alone, with the quadrature truth (``--latent-only``)."""
+    y = torch.tensor(Y_OBS)
+    ours = run_nuts(moons_model(flow.prior()), y, n_samp, n_samp, chains, latent=True)
+    lo, hi = (data.amin(0) - 0.5).tolist(), (data.amax(0) + 0.5).tolist()
+    ours["truth_frac_x0_gt_0"] = quadrature_right_moon(
+        lambda c: flow.log_prob(c.to(flow.dtype)).double(), lo, hi, n=61 if quick else 241)
+    print(f"\n{chains} chains x {n_samp} draws (+{n_samp} warm-up), latent NUTS: "
+          f"{ours['wall_s']:.1f} s, ESS bulk {ours['ess_bulk']:.0f} "
+          f"({ours['ess_bulk_per_s']:.2f}/s), tail {ours['ess_tail']:.0f} "
+          f"({ours['ess_tail_per_s']:.2f}/s), R-hat {ours['rhat_max']:.3f}, divergences "
+          f"{ours['divergences']}, P(x0>0) {ours['frac_x0_gt_0']:.3f} (per chain "
+          + " ".join(f"{v:.2f}" for v in ours["frac_x0_gt_0_per_chain"])
+          + f"), quadrature {ours['truth_frac_x0_gt_0']:.3f}")
+    write_results("pyro_latent", {"settings": {"train_steps": steps, "num_samples": n_samp,
+                                               "warmup": n_samp, "chains": chains,
+                                               "y": Y_OBS, "noise": NOISE},
+                                  "train_s": train_s, "ours": ours}, quick)
+
+
 def main() -> None:
     ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--rtol", type=float, default=None, help="prior tolerance (default: its own)")
     ap.add_argument("--gradients", action="store_true",
                     help="only the gradient-cost table (writes results/pyro_gradients.json)")
+    ap.add_argument("--latent-only", action="store_true",
+                    help="only latent NUTS on our prior against quadrature (writes "
+                         "results/pyro_latent.json)")
     a = ap.parse_args()
     torch.set_num_threads(1)  # NUTS on one point: threads only add overhead
     steps, n_samp, chains = (400, 100, 2) if a.quick else (4000, 500, 4)
@@ -210,6 +235,9 @@ def main() -> None:
     tic = time.perf_counter()
     flow = pif.InflationaryFlow.fit(data, progress=False, steps=steps)
     ours_train = time.perf_counter() - tic
+    if a.latent_only:
+        latent_only(flow, data, n_samp, chains, steps, ours_train, a.quick)
+        return
     grads = gradient_table(flow, repeats=1 if a.quick else 9)
     print_gradients(grads)
     if a.gradients:

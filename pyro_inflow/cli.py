@@ -232,7 +232,7 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=4000, help="training steps (default 4000)")
     d.add_argument("--heldout", type=int, default=5000, help="held-out points (default 5000)")
     d.add_argument("--draws", type=int, default=150,
-                   help="NUTS draws per chain, 2 chains, as many warm-up steps (default 150)")
+                   help="NUTS draws per chain, 4 chains, as many warm-up steps (default 150)")
     d.add_argument("--svi-steps", type=int, default=1000, help="SVI steps (default 1000)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -176,7 +176,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     # the decoded regions hold what the latent spheres hold, up to the decode's error
     assert np.allclose(reg["inside"], cov["coverage"], atol=0.01)
     inv = report["inverse_problem"]
-    assert inv["chains"] == 2 and inv["draws_per_chain"] == 10
+    assert inv["chains"] == 4 and inv["draws_per_chain"] == 10
     p = inv["p_right_moon"]
     assert 0.0 <= p["nuts"] <= 1.0 and 0.2 < p["quadrature"] < 0.9
     assert 0.0 <= p["nuts_mcse"] < 0.5 and p["nuts_ess"] > 0

@@ -185,6 +185,20 @@ def test_latent_nuts_and_svi_smoke():
     assert pif.posterior_samples(fit, Y, num_samples=7)["x"].shape == (7, 3)
 
 
+def test_sampler_geometry_flags_a_run_its_tree_depth_limited():
+    data = pif.datasets.load("s_curve", n=500, seed=0)
+    flow = InflationaryFlow.fit(data, steps=3, progress=False, hidden=16, depth=1)
+    model = linear_model(flow.double().prior())
+    with pytest.warns(UserWarning, match="tree-depth limit 1"):
+        mcmc = pif.latent_nuts(model, Y, num_samples=8, warmup_steps=8, max_tree_depth=1,
+                               progress=False)
+    report = pif.inference.sampler_geometry(mcmc)
+    assert report["limited"] and report["at_depth_limit"] > 0.5
+    assert len(report["step_size"]) == 1 and report["radius"] > 0
+    with pytest.raises(TypeError, match="latent_nuts"):
+        pif.inference.sampler_geometry(object())
+
+
 def _ess(values):
     import arviz as az
 

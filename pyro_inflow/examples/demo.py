@@ -3,7 +3,7 @@
 1. Train a PR-preserving flow on moons (progress bar).
 2. Calibrate it on held-out points: latent coverage, data-space credible regions, roundtrip.
 3. Use it as the prior of an ambiguous inverse problem, ``y = x0 + x1 + Normal(0, 0.3)`` with
-   ``y = 0.5`` (a bimodal, curved posterior): NUTS in the latent (two chains) and mean-field
+   ``y = 0.5`` (a bimodal, curved posterior): NUTS in the latent (four chains) and mean-field
    SVI, with the ArviZ summary and the posterior mass of each moon against quadrature.
 """
 
@@ -26,6 +26,11 @@ from ..posterior import mcse_mean, posterior_samples, summary, to_inference_data
 from .problems import NOISE, Y_OBS, moons_model, quadrature_right_moon
 
 __all__ = ["run_demo"]
+
+
+#: NUTS chains of the demo: four, so R-hat compares independent runs (one after another on
+#: a machine with fewer free cores than chains).
+CHAINS = 4
 
 
 def _say(msg: str) -> None:
@@ -92,7 +97,7 @@ def run_demo(out: Path, n: int = 20_000, steps: int = 4000, seed: int = 0,
         seed: seed of the data, the training and the inference.
         progress: progress bars (training, NUTS, SVI).
         n_heldout: held-out points for the calibration.
-        draws: NUTS draws per chain (two chains, as many warm-up steps).
+        draws: NUTS draws per chain (``CHAINS`` chains, as many warm-up steps).
         svi_steps: mean-field SVI steps.
         nuts_threads: if given, torch's intra-op thread count while NUTS runs (restored
             after); the command passes 1 (one point per gradient: more threads only add
@@ -127,14 +132,14 @@ def run_demo(out: Path, n: int = 20_000, steps: int = 4000, seed: int = 0,
     _plot(out / "demo.png", held.numpy(), cal["z"].numpy(), samples.numpy(), cal["coverage"])
 
     _say(f"\npyro-inflow demo [3/3]: the flow as a Pyro prior; y = x0 + x1 + N(0, {NOISE}^2) "
-         f"= {Y_OBS}; NUTS in the latent (2 chains x {draws} draws) and mean-field SVI")
+         f"= {Y_OBS}; NUTS in the latent ({CHAINS} chains x {draws} draws) and mean-field SVI")
     model = moons_model(flow.prior())
     y = torch.tensor(Y_OBS, dtype=flow.dtype)
     tic = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(nuts_threads or threads)
     try:
-        mcmc = latent_nuts(model, y, num_samples=draws, warmup_steps=draws, num_chains=2,
+        mcmc = latent_nuts(model, y, num_samples=draws, warmup_steps=draws, num_chains=CHAINS,
                            progress=progress, seed=seed)
     finally:
         torch.set_num_threads(threads)
@@ -146,14 +151,14 @@ def run_demo(out: Path, n: int = 20_000, steps: int = 4000, seed: int = 0,
     svi_s = time.perf_counter() - tic
     x_nuts = posterior_samples(mcmc)["x"].double().numpy()
     p_nuts, p_mcse, p_ess = mcse_mean(idata.posterior["x"].values[..., 0] > 0)
-    x_svi = posterior_samples(guide, y, num_samples=2 * draws)["x"].double().numpy()
+    x_svi = posterior_samples(guide, y, num_samples=CHAINS * draws)["x"].double().numpy()
     truth = quadrature_right_moon(lambda x: flow.log_prob(x.to(flow.dtype),
                                                           method="warped_rk4"))
     table = summary(idata, var_names=["x", "x_base"])
     print(f"\nNUTS in the latent: {nuts_s:.1f} s, ArviZ summary (x: data space, x_base: latent)")
     print(table.to_string())
     divergent = int(idata.sample_stats["diverging"].sum())
-    print(f"divergences: {divergent} of {2 * draws} draws")
+    print(f"divergences: {divergent} of {CHAINS * draws} draws")
     print(f"\nposterior mass of the right-hand moon, P(x0 > 0): NUTS {p_nuts:.3f} "
           f"+- {p_mcse:.3f} (Monte Carlo s.e.; ESS {p_ess:.0f}: the chains cross between the "
           f"moons rarely), mean-field SVI {(x_svi[:, 0] > 0).mean():.3f} ({svi_s:.1f} s), "
@@ -168,7 +173,7 @@ def run_demo(out: Path, n: int = 20_000, steps: int = 4000, seed: int = 0,
               "calibration": report_json(cal),
               "inverse_problem": {
                   "y_obs": Y_OBS, "noise": NOISE, "nuts_seconds": nuts_s,
-                  "svi_seconds": svi_s, "chains": 2, "draws_per_chain": draws,
+                  "svi_seconds": svi_s, "chains": CHAINS, "draws_per_chain": draws,
                   "divergences": divergent,
                   "ess_bulk_min": float(table["ess_bulk"].min()),
                   "r_hat_max": float(table["r_hat"].max()),
