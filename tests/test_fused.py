@@ -118,6 +118,19 @@ def test_potential_gradient_of_a_plate_model_is_the_same_through_pyro():
     torch.testing.assert_close(out[True][1], out[False][1], atol=1e-4, rtol=1e-5)
 
 
+@needs_kernel
+def test_a_flow_converted_to_float64_after_use_gets_a_float64_kernel():
+    flow = perturbed_flow(hidden=16, depth=1)
+    z = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    decode_and_grad(flow, z.float(), True)  # a float32 plan is built and cached
+    flow.double()
+    x1, g1, _ = decode_and_grad(flow, z, True)
+    x0, g0, _ = decode_and_grad(flow, z, False)
+    assert x1.dtype == torch.float64
+    torch.testing.assert_close(x1, x0, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(g1, g0, atol=1e-12, rtol=1e-12)
+
+
 def test_weights_that_want_gradients_take_the_autograd_path():
     flow = perturbed_flow(hidden=16, depth=1)
     net = flow.denoiser.network
