@@ -150,6 +150,27 @@ def test_second_backward_with_retain_graph():
     torch.testing.assert_close(g1, g2)
 
 
+@needs_kernel
+def test_two_graphs_alive_at_once_keep_their_own_activations():
+    """The adjoint's buffers are pooled: two decodes whose graphs are both alive must not
+    share one (each backward would then read the other's activations)."""
+    flow = perturbed_flow(hidden=16, depth=1)
+    t = InflationaryFlowTransform(flow, cache_size=0)
+    gen = torch.Generator().manual_seed(7)
+    za, zb = (torch.randn(3, 2, dtype=torch.float32, generator=gen).requires_grad_(True)
+              for _ in range(2))
+    for _ in range(2):  # the second round runs on buffers given back by the first
+        xa, xb = t(za), t(zb)
+        (ga,) = torch.autograd.grad(xa.square().sum(), za)
+        (gb,) = torch.autograd.grad(xb.square().sum(), zb)
+        with fused.use_kernel(False):
+            (ra,) = torch.autograd.grad(t(za).square().sum(), za)
+            (rb,) = torch.autograd.grad(t(zb).square().sum(), zb)
+        torch.testing.assert_close(ga, ra, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(gb, rb, atol=2e-5, rtol=1e-5)
+        del xa, xb
+
+
 def test_without_a_compiler_the_pytorch_path_gives_the_same_numbers(tmp_path):
     """A machine without a C compiler: a warning, the PyTorch path, the same decode."""
     flow = perturbed_flow(hidden=16, depth=1)
