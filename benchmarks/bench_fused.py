@@ -87,7 +87,8 @@ def plate_model(prior, t: torch.Tensor, y: torch.Tensor):
         with pyro.plate("groups", y.shape[1]):
             x = pyro.sample("x", prior)
             with pyro.plate("obs", y.shape[0]):
-                pyro.sample("y", dist.Normal(x[:, 0] + x[:, 1] * t[:, None], NOISE), obs=y)
+                mean = x[..., None, :, 0] + x[..., None, :, 1] * t[:, None]  # (..., points, groups)
+                pyro.sample("y", dist.Normal(mean, NOISE), obs=y)
     return model
 
 

@@ -41,7 +41,8 @@ def make_model(prior, t: torch.Tensor):
         with pyro.plate("groups", GROUPS):
             x = pyro.sample("x", prior)
             with pyro.plate("points", POINTS):
-                pyro.sample("y", dist.Normal(x[:, 0] + x[:, 1] * t[:, None], sigma), obs=y)
+                mean = x[..., None, :, 0] + x[..., None, :, 1] * t[:, None]  # (..., points, groups)
+                pyro.sample("y", dist.Normal(mean, sigma), obs=y)
     return model
 
 
