@@ -176,7 +176,9 @@ static void FN(eval)(const FN(net) *net, int64_t stage, int64_t B, const REAL *x
         }
     }
     const REAL *m = P + net->off_mult + stage * net->D_pad;
-    for (int64_t i = 0; i < B * net->D_pad; i++) k[i] = m[i % net->D_pad] * out[i];
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < net->D_pad; j++)
+            k[b * net->D_pad + j] = m[j] * out[b * net->D_pad + j];
 }
 
 /* g_x (B x D_pad) = J(x)^T g_k for the evaluation whose values are `vals`. `gv` is scratch

@@ -341,7 +341,6 @@ def _ptr(t: Tensor) -> int:
 
 
 _pool: dict = {}
-_REUSE = True  # the pool on (benchmarks switch it off to compare)
 
 
 class _Lease:
@@ -354,7 +353,7 @@ class _Lease:
 
     def __init__(self, numel: int, dtype: torch.dtype) -> None:
         free = _pool.get((numel, dtype))
-        self.buffer = free.pop() if _REUSE and free else torch.empty(numel, dtype=dtype)
+        self.buffer = free.pop() if free else torch.empty(numel, dtype=dtype)
 
     def __del__(self) -> None:
         free = _pool.setdefault((self.buffer.numel(), self.buffer.dtype), [])
