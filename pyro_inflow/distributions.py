@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import pyro.distributions as dist
 import torch
+from pyro.poutine.condition_messenger import ConditionMessenger
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
 from .transforms import InflationaryFlowTransform
@@ -50,10 +54,28 @@ class InflationaryFlowPrior(dist.TransformedDistribution):
 
     def __init__(self, flow: InflationaryFlow, *, full_rank: bool = False,
                  validate_args: bool | None = None, **options: object) -> None:
-        transform = InflationaryFlowTransform(flow, full_rank=full_rank, **options)
+        transform = InflationaryFlowTransform(flow, full_rank=full_rank,
+                                              validate_args=validate_args, **options)
         zeros = torch.zeros(transform.in_dim, dtype=flow.dtype, device=flow.device)
         base = dist.Normal(zeros, 1.0).to_event(1)
         super().__init__(base, [transform], validate_args=validate_args)
+
+    @property
+    def base_dist(self) -> dist.TorchDistribution:
+        """The standard Normal latent ``(*batch_shape, d)``, in the flow's current dtype and
+        device (a prior made before ``flow.double()`` draws float64 latents after it)."""
+        base, transforms = self._base, self.__dict__.get("transforms")
+        if transforms:
+            flow, loc = transforms[0].flow, base.base_dist.loc
+            if loc.dtype != flow.dtype or loc.device != flow.device:
+                zeros = torch.zeros(loc.shape, dtype=flow.dtype, device=flow.device)
+                base = self._base = dist.Normal(zeros, 1.0).to_event(
+                    base.reinterpreted_batch_ndims)
+        return base
+
+    @base_dist.setter
+    def base_dist(self, value: dist.TorchDistribution) -> None:
+        self._base = value
 
     @property
     def transform(self) -> InflationaryFlowTransform:
@@ -76,9 +98,15 @@ class InflationaryFlowPrior(dist.TransformedDistribution):
         new = self._get_checked_instance(InflationaryFlowPrior, _instance)
         return super().expand(batch_shape, _instance=new)
 
+    def sample(self, sample_shape: torch.Size = _NO_SHAPE) -> Tensor:
+        """Draws ``(*sample_shape, *batch_shape, D)`` in the flow's dtype, without gradients."""
+        _warn_if_conditioned_on_latents(self.transform.in_dim)
+        return super().sample(sample_shape)
+
     def rsample(self, sample_shape: torch.Size = _NO_SHAPE) -> Tensor:
         """Reparametrized draws ``(*sample_shape, *batch_shape, D)``; with a density, the
         log-determinant comes from the same solve and is cached for :meth:`log_prob`."""
+        _warn_if_conditioned_on_latents(self.transform.in_dim)
         if not self.full_rank:
             return super().rsample(sample_shape)
         z = self.base_dist.rsample(sample_shape)
@@ -100,10 +128,7 @@ class InflationaryFlowPrior(dist.TransformedDistribution):
             z, ladj = cached
             lp = self.base_dist.log_prob(z) - ladj
         else:
-            value = t.checked(value, latent=False)
-            lp, info = flow.log_prob(value, full_rank=True, return_info=True,
-                                     **t.solver_options(trace=True))
-            t.record(info)
+            lp = t.log_density(value)
         return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
 
     def __repr__(self) -> str:
@@ -111,3 +136,35 @@ class InflationaryFlowPrior(dist.TransformedDistribution):
             "PR-preserving" if self.full_rank else "PR-reducing")
         return (f"{type(self).__name__}(D={self.flow.dim}, d={self.transform.in_dim}, {kind}, "
                 f"batch_shape={tuple(self.batch_shape)})")
+
+
+def _conditioned_latents(dim: int) -> list[str]:
+    """Sites ``"{name}_base"`` with values ``(..., dim)`` that an enclosing
+    ``poutine.condition`` holds without their data-space site ``name``: the latents of
+    :func:`~pyro_inflow.reparam_flow_priors`, given to a model that has only ``name``."""
+    names = []
+    for handler in _PYRO_STACK:
+        data = getattr(handler, "data", None) if isinstance(handler, ConditionMessenger) else None
+        if data is None:
+            continue
+        values = ({k: site["value"] for k, site in data.nodes.items()}
+                  if isinstance(data, Trace) else data)
+        names += [k for k, v in values.items()
+                  if isinstance(k, str) and k.endswith("_base") and k[:-5] not in values
+                  and isinstance(v, Tensor) and v.dim() >= 1 and v.shape[-1] == dim]
+    return names
+
+
+def _warn_if_conditioned_on_latents(dim: int) -> None:
+    """Warn when a flow prior is drawn afresh although the model is conditioned on what looks
+    like its latent: ``Predictive(model, posterior_samples=mcmc.get_samples())`` on the
+    original model of a plain MCMC run, whose draws hold only ``"x_base"``."""
+    names = _conditioned_latents(dim) if _PYRO_STACK else []
+    if names:
+        warnings.warn(
+            f"InflationaryFlowPrior: drawn from the prior although the model is conditioned on "
+            f"{sorted(set(names))}, the latent of a flow site under reparam_flow_priors; this "
+            f"model has no such site, so the draw ignores those values. Condition on the "
+            f"data-space values instead (Predictive(model, posterior_samples="
+            f"pif.posterior_samples(mcmc)); latent_nuts's get_samples() carries them) or run "
+            f"Predictive on pif.reparam_flow_priors(model)", UserWarning, stacklevel=3)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Callable
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +25,8 @@ from .training import TrainState
 __all__ = ["InflationaryFlow", "FILLS"]
 
 FILLS = ("zeros", "normal")
+#: A flow's copy in another dtype, with the state it was converted from (``computing_in``).
+_CONVERTED: WeakKeyDictionary = WeakKeyDictionary()
 
 
 class InflationaryFlow(nn.Module):
@@ -32,8 +36,12 @@ class InflationaryFlow(nn.Module):
     ``z_i = ut_i(T) / sqrt(lam_i + gamma_i(T))`` on the kept dimensions; decoding integrates
     back. For Gaussian data the flow is PCA whitening, ``z = u / sqrt(lam + gamma0)``.
 
-    Computation runs in the flow's dtype (``flow.double()`` for float64, recommended for
-    log-densities); inputs are converted to it. Solver keywords accepted by :meth:`encode`,
+    **dtypes**, as torch promotes: a map's result has the dtype of its input tensor when that is
+    of higher precision than the flow's (float64 points for a float32 flow are computed in
+    float64, with a converted copy of the flow, see :meth:`computing_in`), else the flow's
+    (float32 points for a float64 flow, NumPy arrays and lists take the flow's dtype). Draws
+    (:meth:`sample`) have the flow's dtype. ``flow.double()`` makes float64 the default,
+    recommended for log-densities and NUTS. Solver keywords accepted by :meth:`encode`,
     :meth:`decode`, :meth:`sample` and :meth:`log_prob` (see :func:`pyro_inflow.solvers.solve`):
     ``method`` (default ``"dopri5"``; ``"warped_rk4"``, the fast fixed grid; fixed-step
     ``"euler"``, ``"rk4"``, ... with ``step_size``), ``rtol`` (default ``1e-5``), ``atol``
@@ -200,15 +208,37 @@ class InflationaryFlow(nn.Module):
                         dtype=dtype, device=device, callback=callback, settings=settings)
 
     # ------------------------------------------------------------------ the maps
+    # Each public map checks its input (check_points) and computes with the flow in the
+    # input's dtype (computing_in); the private ones take checked tensors of the flow's dtype,
+    # which is how the prior's transform, with its own checks, calls them.
     def check_points(self, x: object, name: str = "x", latent: bool = False) -> Tensor:
-        """``x`` validated as points ``(*, D)`` (``(*, d)`` when ``latent``) and converted to
-        the flow's dtype and device.
+        """``x`` validated as points ``(*, D)`` (``(*, d)`` when ``latent``), on the flow's
+        device, in the dtype the flow computes it in (see the class's dtype rule).
 
         Raises:
             TypeError: non-floating input. ValueError: wrong width, no points, NaN or Inf.
         """
         dim = self.latent_dim if latent else self.dim
-        return check_data(x, name, dim=dim, batched=True, dtype=self.dtype, device=self.device)
+        dtype = (torch.promote_types(x.dtype, self.dtype)
+                 if isinstance(x, Tensor) and x.is_floating_point() else self.dtype)
+        return check_data(x, name, dim=dim, batched=True, dtype=dtype, device=self.device)
+
+    def computing_in(self, dtype: torch.dtype) -> InflationaryFlow:
+        """This flow with its weights in ``dtype``: itself when it has that dtype, else a
+        converted copy, kept (weakly) until the flow's weights change.
+
+        The maps use it for inputs of a higher precision than the flow's (float64 points for a
+        float32 flow are computed in float64, as torch promotes float32 with float64).
+        """
+        if dtype == self.dtype:
+            return self
+        state = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+        key = (dtype, state)
+        cached = _CONVERTED.get(self)
+        if cached is None or cached[0] != key:
+            converted = copy.deepcopy(self).to(dtype).requires_grad_(False)
+            cached = _CONVERTED[self] = (key, converted)
+        return cached[1]
 
     def require_density(self, where: str) -> None:
         """Raise the one error for asking a PR-reducing flow for a density on ``R^D``.
@@ -231,7 +261,11 @@ class InflationaryFlow(nn.Module):
     def to_state(self, x: Tensor) -> Tensor:
         """The standardized state ``w(0) = u / sqrt(lam + gamma0)`` of data ``x``, where the
         pfODE starts: ``(*, D) -> (*, D)`` (no solve)."""
-        return self.basis.to_eigen(self.check_points(x)) / self._sigma0_root()
+        x = self.check_points(x)
+        return self.computing_in(x.dtype)._to_state(x)
+
+    def _to_state(self, x: Tensor) -> Tensor:
+        return self.basis.to_eigen(x) / self._sigma0_root()
 
     def from_state(self, w: Tensor) -> Tensor:
         """Data ``x`` of a standardized state ``w(0)``: ``(*, D) -> (*, D)`` (no solve)."""
@@ -246,8 +280,13 @@ class InflationaryFlow(nn.Module):
     def encode_full(self, x: Tensor, *, return_info: bool = False,
                     **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
         """Standardized state ``w(T)`` on all ``D`` dimensions, ``(*, D) -> (*, D)``."""
-        w, _, info = self._solve(self.to_state(x), 0.0, self.schedule.t_max, **solver)
+        x = self.check_points(x)
+        w, info = self.computing_in(x.dtype)._encode_full(x, **solver)
         return (w, info) if return_info else w
+
+    def _encode_full(self, x: Tensor, **solver: object) -> tuple[Tensor, SolveInfo]:
+        w, _, info = self._solve(self._to_state(x), 0.0, self.schedule.t_max, **solver)
+        return w, info
 
     def encode(self, x: Tensor, *, return_info: bool = False,
                **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
@@ -274,13 +313,21 @@ class InflationaryFlow(nn.Module):
         if fill not in FILLS:
             raise ValueError(f"fill: expected one of {FILLS}, got {fill!r}")
         z = self.check_points(z, "z", latent=True)
+        x, info = self.computing_in(z.dtype)._decode_full(self._full_state(z, fill, generator),
+                                                          **solver)
+        return (x, info) if return_info else x
+
+    def _full_state(self, z: Tensor, fill: str = "zeros",
+                    generator: torch.Generator | None = None) -> Tensor:
+        """The full state ``w(T)`` ``(*, D)`` of latent ``z`` ``(*, d)``: the compressed
+        coordinates of a PR-reducing flow are zeros or ``N(0, 1)`` draws (``fill``)."""
         extra = self.dim - self.latent_dim
-        if extra:
-            shape = (*z.shape[:-1], extra)
-            rest = (torch.randn(shape, generator=generator, dtype=z.dtype, device=z.device)
-                    if fill == "normal" else z.new_zeros(shape))
-            z = torch.cat([z, rest], dim=-1)
-        return self.decode_full(z, return_info=return_info, **solver)
+        if not extra:
+            return z
+        shape = (*z.shape[:-1], extra)
+        rest = (torch.randn(shape, generator=generator, dtype=z.dtype, device=z.device)
+                if fill == "normal" else z.new_zeros(shape))
+        return torch.cat([z, rest], dim=-1)
 
     def decode_full(self, w: Tensor, *, return_info: bool = False,
                     **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
@@ -288,18 +335,25 @@ class InflationaryFlow(nn.Module):
 
         The inverse of :meth:`encode_full`; for PR-preserving flows the same as :meth:`decode`.
         """
-        w0, _, info = self._solve(self.check_points(w, "w"), self.schedule.t_max, 0.0, **solver)
-        x = self.from_state(w0)
+        w = self.check_points(w, "w")
+        x, info = self.computing_in(w.dtype)._decode_full(w, **solver)
         return (x, info) if return_info else x
+
+    def _decode_full(self, w: Tensor, **solver: object) -> tuple[Tensor, SolveInfo]:
+        w0, _, info = self._solve(w, self.schedule.t_max, 0.0, **solver)
+        return self.from_state(w0), info
 
     def decode_with_logdet(self, w: Tensor, *, trace: str = "auto", num_probes: int = 16,
                            seed: int = 0, **solver: object
                            ) -> tuple[Tensor, Tensor, SolveInfo]:
         """:meth:`decode_full` and ``log |det dx/dw|`` in one augmented solve:
         ``(*, D) -> ((*, D), (*), SolveInfo)``. Trace keywords as in :meth:`log_prob`."""
-        w0, logdet, info = self._solve(self.check_points(w, "w"), self.schedule.t_max, 0.0,
-                                       logdet=True, trace=trace, num_probes=num_probes,
-                                       seed=seed, **solver)
+        w = self.check_points(w, "w")
+        return self.computing_in(w.dtype)._decode_with_logdet(
+            w, trace=trace, num_probes=num_probes, seed=seed, **solver)
+
+    def _decode_with_logdet(self, w: Tensor, **solver: object) -> tuple[Tensor, Tensor, SolveInfo]:
+        w0, logdet, info = self._solve(w, self.schedule.t_max, 0.0, logdet=True, **solver)
         return self.from_state(w0), logdet + self._affine_logdet(), info
 
     def _affine_logdet(self) -> Tensor:  # log |det dx/dw(0)| of x = from_state(w(0))
@@ -323,7 +377,7 @@ class InflationaryFlow(nn.Module):
         self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None,
         fill: str = "zeros", return_info: bool = False, **solver: object,
     ) -> Tensor | tuple[Tensor, SolveInfo]:
-        """``n`` samples ``(n, D)``: decode ``z ~ N(0, I_d)``."""
+        """``n`` samples ``(n, D)`` in the flow's dtype: decode ``z ~ N(0, I_d)``."""
         n = check_positive_int(n, "n")
         if generator is None:  # a seeded one, or one seeded from fresh entropy
             generator = torch.Generator(device=self.device)
@@ -360,11 +414,16 @@ class InflationaryFlow(nn.Module):
         """
         if not full_rank:
             self.require_density("log_prob")
-        wT, logdet, info = self._solve(self.to_state(x), 0.0, self.schedule.t_max, logdet=True,
-                                       trace=trace, num_probes=num_probes, seed=seed, **solver)
-        log_normal = -0.5 * (wT.square().sum(-1) + self.dim * math.log(2 * math.pi))
-        lp = log_normal + logdet - self._affine_logdet()
+        x = self.check_points(x)
+        lp, info = self.computing_in(x.dtype)._log_prob(
+            x, trace=trace, num_probes=num_probes, seed=seed, **solver)
         return (lp, info) if return_info else lp
+
+    def _log_prob(self, x: Tensor, **solver: object) -> tuple[Tensor, SolveInfo]:
+        wT, logdet, info = self._solve(self._to_state(x), 0.0, self.schedule.t_max, logdet=True,
+                                       **solver)
+        log_normal = -0.5 * (wT.square().sum(-1) + self.dim * math.log(2 * math.pi))
+        return log_normal + logdet - self._affine_logdet(), info
 
     def prior(self, *, full_rank: bool = False, **options: object) -> InflationaryFlowPrior:
         """This flow as a Pyro prior: an :class:`~pyro_inflow.InflationaryFlowPrior`.

@@ -31,6 +31,8 @@ import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO, autoguide
 from pyro.infer.reparam import TransformReparam
+from pyro.poutine.condition_messenger import ConditionMessenger
+from pyro.poutine.runtime import _PYRO_STACK
 
 from ._progress import tqdm
 from .distributions import InflationaryFlowPrior
@@ -38,8 +40,9 @@ from .distributions import InflationaryFlowPrior
 if TYPE_CHECKING:
     from pyro.infer.mcmc.nuts import _TreeInfo
 
-__all__ = ["reparam_flow_priors", "latent_nuts", "latent_svi", "LatentSVI", "RecordingNUTS",
-           "sampler_geometry", "is_flow_site", "max_plate_nesting", "GUIDES"]
+__all__ = ["reparam_flow_priors", "FlowReparam", "latent_nuts", "LatentMCMC", "latent_svi",
+           "LatentSVI", "RecordingNUTS", "sampler_geometry", "is_flow_site", "max_plate_nesting",
+           "GUIDES"]
 
 GUIDES = {
     "normal": autoguide.AutoNormal,
@@ -49,32 +52,94 @@ GUIDES = {
 }
 
 
-def _is_flow_prior(fn: torch.distributions.Distribution) -> bool:
-    while isinstance(fn, torch.distributions.Independent):
+def _unwrap(fn: torch.distributions.Distribution) -> tuple[torch.distributions.Distribution,
+                                                          list]:
+    """The distribution inside ``Independent`` and ``MaskedDistribution`` layers, and the
+    layers, outermost first."""
+    layers = []
+    while isinstance(fn, (torch.distributions.Independent, dist.MaskedDistribution)):
+        layers.append(fn)
         fn = fn.base_dist
-    return isinstance(fn, InflationaryFlowPrior)
+    return fn, layers
+
+
+def _is_flow_prior(fn: torch.distributions.Distribution) -> bool:
+    return isinstance(_unwrap(fn)[0], InflationaryFlowPrior)
+
+
+def _conditioned_by_enclosing_handler(name: str) -> bool:
+    """Whether a ``poutine.condition`` around the reparametrizer holds a value for ``name``
+    (one inside it would already have made the site observed)."""
+    for handler in _PYRO_STACK:
+        data = getattr(handler, "data", None) if isinstance(handler, ConditionMessenger) else None
+        if data is not None and name in data:
+            return True
+    return False
+
+
+class FlowReparam(TransformReparam):
+    """Pyro's ``TransformReparam`` for flow priors: the latent site ``"{name}_base"`` is a
+    standard Normal and ``name`` holds ``decode(z)`` (a deterministic site).
+
+    It differs from ``TransformReparam`` where a plain prior's user would otherwise be
+    surprised:
+
+    * **masks**: a prior wrapped by ``.mask(m)`` (or ``.to_event``) is unwrapped, and the latent
+      site gets the same layers, so the mask weighs the latent's prior term as it weighed the
+      prior's (``poutine.mask`` already worked);
+    * **initialization**: Pyro applies init strategies to the original site ``name`` first. A
+      value given for it (``init_to_value(values={"x": ...})``) is encoded to the latent; a
+      default one (``init_to_sample``, ``init_to_median``, ..., or the fallback of an
+      ``init_to_value`` that names only ``"x_base"``) is dropped, so that the strategy sees the
+      latent site itself and ``init_to_value(values={"x_base": ...})`` is honoured.
+    """
+
+    def apply(self, msg: dict) -> dict:
+        """Rewrite one flow-prior site (see the class)."""
+        name, value = msg["name"], msg["value"]
+        prior, layers = _unwrap(msg["fn"])
+        if getattr(value, "_pyro_custom_init", True) is False:
+            value = None  # a strategy's default for the data-space site: start in the latent
+        transform = prior.transform
+        value_base = None if value is None else transform.inv(value)
+        base = prior.base_dist
+        for layer in reversed(layers):
+            base = (base.mask(layer._mask) if isinstance(layer, dist.MaskedDistribution)
+                    else base.to_event(layer.reinterpreted_batch_ndims))
+        value_base = pyro.sample(f"{name}_base", base, obs=value_base,
+                                 infer={"is_observed": msg["is_observed"]})
+        if value is None:
+            value = transform(value_base)
+        delta = dist.Delta(value, event_dim=msg["fn"].event_dim).mask(False)
+        return {"fn": delta, "value": value, "is_observed": True}
 
 
 def reparam_flow_priors(model: Callable) -> Callable:
     """Run ``model`` with every latent :class:`InflationaryFlowPrior` site in the flow's latent.
 
-    Sites inside ``pyro.plate`` work too. Observed flow-prior sites are left alone (they are
-    scored with ``log_prob``). The latent site of ``name`` is ``name + "_base"``; ``name``
-    itself holds the data-space value (``Predictive(..., return_sites=[name])`` reads it).
+    Sites inside ``pyro.plate`` and masked sites work too. Observed flow-prior sites are left
+    alone (they are scored with ``log_prob``), and so are sites that a ``poutine.condition``
+    *around* the rewritten model conditions: ``condition(reparam_flow_priors(model), {"x": v})``
+    scores ``x = v`` by the prior's density exactly as ``reparam_flow_priors(condition(model,
+    {"x": v}))`` does (Pyro's own reparametrizers would leave the latent free and lose the
+    prior term). The latent site of ``name`` is ``name + "_base"``; ``name`` itself holds the
+    data-space value (``Predictive(..., return_sites=[name])`` reads it). See
+    :class:`FlowReparam` for masks and init strategies.
 
     Args:
         model: a Pyro model (a callable).
 
     Returns:
-        The reparametrized model (``pyro.poutine.reparam`` with ``TransformReparam``). Applying
-        it twice changes nothing: the rewritten data-space site is observed, and the latent
-        site is a Normal, so the outer rewrite finds no flow prior left.
+        The reparametrized model (``pyro.poutine.reparam`` with :class:`FlowReparam`).
+        Applying it twice changes nothing: the rewritten data-space site is observed, and the
+        latent site is a Normal, so the outer rewrite finds no flow prior left.
     """
 
-    def config(msg: dict) -> TransformReparam | None:
-        if msg["is_observed"] or not _is_flow_prior(msg["fn"]):
+    def config(msg: dict) -> FlowReparam | None:
+        if (msg["is_observed"] or not _is_flow_prior(msg["fn"])
+                or _conditioned_by_enclosing_handler(msg["name"])):
             return None
-        return TransformReparam()
+        return FlowReparam()
 
     return poutine.reparam(model, config=config)
 
@@ -132,6 +197,25 @@ class RecordingNUTS(NUTS):
         return {**super().diagnostics(), **self._stats}
 
 
+class LatentMCMC(MCMC):
+    """Pyro's ``MCMC`` whose draws also hold the data-space value of every flow site.
+
+    After :meth:`run`, ``get_samples()`` has ``"x"`` (decoded once, vectorized over the draws)
+    beside the latent ``"x_base"``, and every ``pyro.deterministic`` site, as NumPyro's MCMC
+    keeps deterministic sites. So the idiom ``Predictive(model, posterior_samples=
+    mcmc.get_samples())`` on the *original* model, which has only ``"x"``, conditions on the
+    posterior; with the latent alone Pyro would match no site and draw ``x`` from its prior.
+    ``summary()`` and ``diagnostics()`` report the data-space sites too.
+    """
+
+    def run(self, *args: object, **kwargs: object) -> None:
+        """Pyro's ``MCMC.run``, then the data-space values of the draws."""
+        from .posterior import data_space_draws  # the posterior readers sit above this module
+
+        super().run(*args, **kwargs)
+        self._samples.update(data_space_draws(self))
+
+
 def latent_nuts(
     model: Callable,
     *args: object,
@@ -168,12 +252,15 @@ def latent_nuts(
             against 0.4-1.1 over two seeds (``benchmarks/README.md``). Its cost grows as the
             square of the latent size; pass ``False`` for latents of thousands.
         init_strategy: a Pyro init strategy (default ``init_to_sample``: a draw from the
-            latent's standard Normal, a typical point of the prior).
+            latent's standard Normal, a typical point of the prior). ``init_to_value`` takes
+            the data-space site (``{"x": ...}``, encoded) or the latent (``{"x_base": ...}``,
+            e.g. ``guide.median()`` of an SVI fit); see :class:`FlowReparam`.
         **kwargs: the model's keyword arguments.
 
     Returns:
-        The MCMC object: ``mcmc.get_samples()`` holds the latent sites ``"{name}_base"``;
-        :func:`posterior_samples` adds the data-space values and
+        The run :class:`LatentMCMC`: ``mcmc.get_samples()`` holds the latent sites
+        ``"{name}_base"``, the data-space values ``name`` and the deterministic sites;
+        :func:`posterior_samples` gives the same and
         :func:`~pyro_inflow.diagnostics.to_inference_data` makes an ArviZ ``InferenceData``
         (with per-draw ``diverging``, ``tree_depth``, ``n_steps``, ``step_size``, ``lp``).
     """
@@ -184,7 +271,7 @@ def latent_nuts(
                   init_strategy=init_strategy or pyro.infer.autoguide.init_to_sample)
     with warnings.catch_warnings():  # "Chains will be drawn sequentially": documented above
         warnings.filterwarnings("ignore", message="num_chains=", category=UserWarning)
-        mcmc = MCMC(kernel, num_samples=num_samples,
+        mcmc = LatentMCMC(kernel, num_samples=num_samples,
                     warmup_steps=num_samples if warmup_steps is None else warmup_steps,
                     num_chains=num_chains, disable_progbar=not progress)
     mcmc.run(*args, **kwargs)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from pyro import poutine
 from pyro.infer import MCMC, Predictive
+from pyro.poutine.util import site_is_subsample
 
 from . import _arviz
 from .inference import (
@@ -33,7 +34,7 @@ from .inference import (
 )
 
 __all__ = ["posterior_samples", "to_inference_data", "summary", "mcse_mean", "PosteriorTrace",
-           "posterior_trace"]
+           "posterior_trace", "data_space_draws"]
 
 summary = _arviz.summary
 mcse_mean = _arviz.mcse_mean
@@ -103,13 +104,16 @@ def posterior_trace(fitted: MCMC | LatentSVI | Callable, args: tuple, kwargs: di
     model = reparam_flow_priors(model)
     with torch.no_grad():
         nodes = poutine.trace(model).get_trace(*args, **kwargs).nodes
-    names = [name for name, site in nodes.items() if site["type"] == "sample" and (
-        not site["is_observed"] or site["infer"].get("_deterministic")
-        or is_flow_site(name, site, nodes))]
+    names = [name for name, site in nodes.items()
+             if site["type"] == "sample" and not site_is_subsample(site) and (
+                 not site["is_observed"] or site["infer"].get("_deterministic")
+                 or is_flow_site(name, site, nodes))]
     if isinstance(fitted, MCMC):
         grouped = fitted.get_samples(group_by_chain=True)
         chains, draws = next(iter(grouped.values())).shape[:2]
-        latent = {k: v.reshape(chains * draws, *v.shape[2:]) for k, v in grouped.items()}
+        # the sampled sites only (a LatentMCMC also holds the data-space values)
+        latent = {k: v.reshape(chains * draws, *v.shape[2:]) for k, v in grouped.items()
+                  if k in nodes and not nodes[k]["is_observed"]}
     else:
         chains, draws = 1, num_samples
         with torch.no_grad():
@@ -153,6 +157,15 @@ def posterior_samples(
     if group_by_chain:
         out = {k: v.reshape(post.chains, post.draws, *v.shape[1:]) for k, v in out.items()}
     return out
+
+
+def data_space_draws(mcmc: MCMC) -> dict[str, torch.Tensor]:
+    """The data-space flow sites and deterministic sites of an MCMC run on a
+    :func:`~pyro_inflow.reparam_flow_priors` model, ``(chains, draws, *site_shape)``."""
+    post = posterior_trace(mcmc, (), {})
+    n = post.chains, post.draws
+    return {k: post.values(k).reshape(*n, *post.nodes[k]["value"].shape) for k in post.names
+            if post.nodes[k]["is_observed"]}
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:

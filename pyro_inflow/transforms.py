@@ -25,8 +25,9 @@ __all__ = ["InflationaryFlowTransform", "SOLVER_KEYS", "TRACE_KEYS"]
 
 #: Solver options of the transform (see :func:`pyro_inflow.solvers.solve`).
 SOLVER_KEYS = ("method", "rtol", "atol", "step_size", "num_steps", "max_num_steps", "adjoint")
-#: Options of the log-determinant's divergence estimate.
+#: Options of the log-determinant's divergence estimate, and their defaults.
 TRACE_KEYS = ("trace", "num_probes", "seed")
+TRACE_DEFAULTS = {"trace": "auto", "num_probes": 16, "seed": 0}
 #: The prior's solver unless told otherwise: a fixed grid makes the potential a smooth,
 #: deterministic function of the latent (what HMC needs) at about a third of dopri5's cost.
 DEFAULT_SOLVER = {"method": "warped_rk4"}
@@ -48,10 +49,18 @@ class InflationaryFlowTransform(Transform):
     (``log_abs_det_jacobian``, ``call_and_ladj``), adaptive methods and ``adjoint=True`` take
     the PyTorch path, which is slower and gives the same numbers.
 
-    **dtypes.** Values are computed in the flow's dtype. An input of lower precision (float32
-    into a float64 flow) is converted to it; an input of higher precision (float64 into a
-    float32 flow) raises ``TypeError`` naming both dtypes, since converting would silently
-    lose precision (convert the flow with ``flow.double()``).
+    **dtypes**, as torch promotes: the result has the dtype of the input when that is of
+    higher precision than the flow's (a float64 latent into a float32 flow is decoded in
+    float64, with the flow's weights converted once, see
+    :meth:`~pyro_inflow.InflationaryFlow.computing_in`), else the flow's dtype.
+
+    **Non-finite values** raise ``ValueError`` while validating (``validate_args``, else
+    torch's default, which ``pyro.enable_validation`` sets and Pyro's HMC/NUTS switch off
+    during warm-up); otherwise their results are NaN. A finite point whose decode overflows
+    (a latent of 1e200) gives inf or NaN instead of raising, as a Normal's density gives
+    ``-inf`` far out, so a sampler counts it as a divergence (fixed-step methods; adaptive
+    ones cannot step past it and raise :class:`~pyro_inflow.SolverError`). An empty batch
+    gives an empty result.
 
     Args:
         flow: the flow; its weights are frozen (``requires_grad_(False)``).
@@ -72,6 +81,8 @@ class InflationaryFlowTransform(Transform):
         cache_size: ``1`` (default) remembers the last ``x = t(z)`` pair, so ``t.inv(t(z))``
             returns ``z`` without a solve, and the last log-determinant of
             :meth:`call_and_ladj`; ``0`` disables both.
+        validate_args: whether non-finite values raise (``None``: torch's default at the
+            time of the call); the prior passes its own.
 
     Example:
         >>> from pyro_inflow import InflationaryFlow
@@ -88,7 +99,8 @@ class InflationaryFlowTransform(Transform):
     codomain = constraints.real_vector
 
     def __init__(self, flow: InflationaryFlow, *, full_rank: bool = False,
-                 cache_size: int = 1, **options: object) -> None:
+                 cache_size: int = 1, validate_args: bool | None = None,
+                 **options: object) -> None:
         if not callable(getattr(flow, "decode_with_logdet", None)):
             raise TypeError(f"flow: expected an InflationaryFlow, got {type(flow).__name__}")
         unknown = sorted(set(options) - set(SOLVER_KEYS + TRACE_KEYS))
@@ -109,6 +121,10 @@ class InflationaryFlowTransform(Transform):
             self._solver.setdefault("num_steps", WARPED_STEPS)
             self._budget = self._solver.pop("rtol", WARPED_RTOL)
             self._solver["rtol"] = math.inf
+        # a point whose decode overflows gives inf/NaN, as a Normal's density gives -inf far
+        # out: inside a sampler that is a divergence, not the end of the run
+        self._solver["nonfinite"] = "return"
+        self.validate_args = validate_args
         self._cached_ladj: tuple[Tensor, Tensor, Tensor] | None = None
 
     @property
@@ -124,7 +140,7 @@ class InflationaryFlowTransform(Transform):
 
     def solver_options(self, trace: bool = False) -> dict:
         """Keywords for the flow's solves (with the trace options when ``trace``)."""
-        return {**self._solver, **self._trace} if trace else dict(self._solver)
+        return {**self._solver, **TRACE_DEFAULTS, **self._trace} if trace else dict(self._solver)
 
     # ------------------------------------------------------------------ shapes and dtypes
     @property
@@ -159,32 +175,80 @@ class InflationaryFlowTransform(Transform):
                 f"{', full rank' if self._full_rank_prr else ''}), got shape {tuple(shape)}"
             )
 
-    def checked(self, value: Tensor, latent: bool) -> Tensor:
-        """``value`` of shape ``(*, d)`` (``latent``) or ``(*, D)`` in the flow's dtype (see the
-        class's dtype rule)."""
+    def validating(self) -> bool:
+        """Whether non-finite values raise: ``validate_args`` if given, else torch's default,
+        which ``pyro.enable_validation`` sets and Pyro's HMC/NUTS turn off during warm-up."""
+        if self.validate_args is not None:
+            return bool(self.validate_args)
+        return bool(torch.distributions.Distribution._validate_args)
+
+    def checked(self, value: Tensor, latent: bool) -> tuple[InflationaryFlow, Tensor,
+                                                           Tensor | None]:
+        """``value`` ``(*, d)`` (``latent``) or ``(*, D)`` checked for this flow.
+
+        Returns:
+            The flow to compute with (in the promoted dtype, see the class's dtype rule), the
+            value in that dtype on the flow's device, and ``None``, or, when validation is off
+            and some points are not finite, the mask ``(*)`` of finite points (the others are
+            zeroed here; :meth:`restore` makes their results NaN).
+
+        Raises:
+            ValueError: wrong shape; NaN or Inf while validating. TypeError: not floating.
+        """
         dim, what = (self.in_dim, "latent") if latent else (self.out_dim, "data")
         self._check_shape(value.shape, dim, what)
-        dtype = self.flow.dtype
-        if value.dtype != dtype and torch.promote_types(value.dtype, dtype) != dtype:
-            raise TypeError(
-                f"InflationaryFlowTransform: {what} values of dtype {value.dtype} for a flow of "
-                f"dtype {dtype} would lose precision; convert the flow (flow.double()) or the "
-                f"values (.to({dtype}))")
-        return value.to(dtype)
+        if not value.is_floating_point():
+            raise TypeError(f"InflationaryFlowTransform: expected floating-point {what} values, "
+                            f"got dtype {value.dtype}")
+        dtype = torch.promote_types(value.dtype, self.flow.dtype)
+        value = value.to(dtype=dtype, device=self.flow.device)
+        finite = None
+        if value.numel():
+            ok = torch.isfinite(value).all(-1)
+            if not bool(ok.all()):
+                if self.validating():
+                    bad = (~ok).reshape(-1).nonzero()
+                    raise ValueError(
+                        f"InflationaryFlowTransform: expected finite {what} values, got NaN or "
+                        f"Inf in {len(bad)} point(s) (first at flat index {int(bad[0])}); with "
+                        f"validation off (validate_args=False, pyro.enable_validation(False), "
+                        f"HMC/NUTS warm-up) they give NaN, which samplers count as divergent")
+                finite = ok
+                value = torch.where(ok.unsqueeze(-1), value, torch.zeros_like(value))
+        return self.flow.computing_in(dtype), value, finite
+
+    def restore(self, result: Tensor, value: Tensor, finite: Tensor | None) -> Tensor:
+        """``result`` (``(*)`` or ``(*, k)``) of ``value`` ``(*, n)``, with NaN where
+        ``finite`` (``(*)``) is false; finite values whose result overflowed are counted in
+        ``flow.prior_watch`` (one warning per flow)."""
+        overflow = ~torch.isfinite(result.detach().reshape(*value.shape[:-1], -1)).all(-1)
+        if finite is not None:
+            overflow = overflow & finite
+        if bool(overflow.any()):
+            radius = float(value.detach()[overflow].norm(dim=-1).max())
+            self.flow.prior_watch.record_nonfinite(int(overflow.sum()), radius)
+        if finite is None:
+            return result
+        mask = finite if result.dim() == finite.dim() else finite.unsqueeze(-1)
+        return torch.where(mask, result, torch.full_like(result, math.nan))
 
     # ------------------------------------------------------------------ the maps
     def _call(self, z: Tensor) -> Tensor:
-        z = self.checked(z, latent=True)
-        decode = self.flow.decode_full if self.full_rank else self.flow.decode
-        x, info = decode(z, return_info=True, **self._solver)
+        flow, z, finite = self.checked(z, latent=True)
+        if not z.numel():
+            return z.new_zeros(self.forward_shape(z.shape))
+        w = z if self.full_rank else flow._full_state(z)
+        x, info = flow._decode_full(w, **self._solver)
         self.record(info)
-        return x
+        return self.restore(x, z, finite)
 
     def _inverse(self, x: Tensor) -> Tensor:
-        x = self.checked(x, latent=False)
-        w, info = self.flow.encode_full(x, return_info=True, **self._solver)
+        flow, x, finite = self.checked(x, latent=False)
+        if not x.numel():
+            return x.new_zeros(self.inverse_shape(x.shape))
+        w, info = flow._encode_full(x, **self._solver)
         self.record(info)
-        return w if self.full_rank else w[..., self.flow.schedule.kept]
+        return self.restore(w if self.full_rank else w[..., self.flow.schedule.kept], x, finite)
 
     def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``x = t(z)`` and ``log |det dx/dz|`` ``(*)`` in one augmented solve.
@@ -219,10 +283,24 @@ class InflationaryFlowTransform(Transform):
         """The decode of ``z`` and its log-determinant in one augmented solve, watched."""
         if not self.full_rank:
             self.flow.require_density(where)
-        x, ladj, info = self.flow.decode_with_logdet(self.checked(z, latent=True),
-                                                     **self.solver_options(trace=True))
+        flow, z, finite = self.checked(z, latent=True)
+        if not z.numel():
+            return z.new_zeros(self.forward_shape(z.shape)), z.new_zeros(z.shape[:-1])
+        x, ladj, info = flow._decode_with_logdet(z, **self.solver_options(trace=True))
         self.record(info)
-        return x, ladj
+        return self.restore(x, z, finite), self.restore(ladj, z, None if finite is None else finite)
+
+    def log_density(self, x: Tensor) -> Tensor:
+        """The flow's ``log p(x)`` ``(*)`` of data ``x`` ``(*, D)`` (full rank), checked and
+        watched as the maps are (one encode with the change of variables)."""
+        flow, x, finite = self.checked(x, latent=False)
+        if not x.numel():
+            return x.new_zeros(x.shape[:-1])
+        lp, info = flow._log_prob(x, **self.solver_options(trace=True))
+        self.record(info)
+        # a point so far out that its encode overflowed has density 0, as a Normal's does
+        lp = torch.where(torch.isfinite(lp), lp, torch.full_like(lp, -math.inf))
+        return self.restore(lp, x, finite)
 
     # ------------------------------------------------------------------ plumbing
     def with_cache(self, cache_size: int = 1) -> InflationaryFlowTransform:
@@ -230,7 +308,8 @@ class InflationaryFlowTransform(Transform):
         if self._cache_size == cache_size:
             return self
         return InflationaryFlowTransform(self.flow, full_rank=self.full_rank,
-                                         cache_size=cache_size, **self.options)
+                                         cache_size=cache_size,
+                                         validate_args=self.validate_args, **self.options)
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, InflationaryFlowTransform) and other.flow is self.flow

@@ -143,10 +143,15 @@ def test_solver_nan_names_the_time():
             return torch.where(t < 4.0, math.nan, 0.0) * ut
 
     flow = InflationaryFlow(base.basis, Broken(base.schedule))
+    z = torch.zeros(1, 3)
     with pytest.raises(SolverError, match=r"non-finite values \(first at t=") as err:
-        flow.prior().sample()
+        flow.decode(z, method="warped_rk4", num_steps=12)
     first_bad = float(str(err.value).split("first at t=")[1].split(",")[0])
     assert 3.0 < first_bad < 4.0  # the first evaluation past the broken time
+    # the prior returns NaN (a sampler's divergence) and says once that the flow is broken
+    with pytest.warns(RuntimeWarning, match=r"largest norm 0.*flow itself is broken"):
+        x = flow.prior().transform(z)
+    assert torch.isnan(x).all() and flow.prior_watch.nonfinite == 1
 
 
 # ---------------------------------------------------------------- latent inference

@@ -149,7 +149,8 @@ def test_equal_transforms_hash_equal(case: Case) -> None:
 
 
 def test_dtypes(case: Case) -> None:
-    """Lower precision in is converted to the flow's dtype; higher precision refused."""
+    """As torch promotes: lower precision in gives the flow's dtype, higher precision in is
+    computed in that precision (with the flow's weights converted once, not rounded down)."""
     t = case.transform()
     z = _z(t, 2)
     if case.flow.dtype == torch.float64:
@@ -157,9 +158,14 @@ def test_dtypes(case: Case) -> None:
         assert x.dtype == torch.float64
         torch.testing.assert_close(x, t.with_cache(0)(z.float().double()))
     else:
-        with pytest.raises(TypeError, match="dtype torch.float64 for a flow of dtype "
-                                            "torch.float32 would lose precision"):
-            t(z.double())
+        x64 = t(z.double())
+        assert x64.dtype == torch.float64
+        twin = InflationaryFlowTransform(copy.deepcopy(case.flow).double(), full_rank=t.full_rank,
+                                         **case.options)
+        torch.testing.assert_close(x64, twin(z.double()), atol=1e-12, rtol=1e-12)
+        assert t.flow.computing_in(torch.float64) is t.flow.computing_in(torch.float64)
+        assert (x64 - t.with_cache(0)(z.float())).abs().max() < 1e-3
+        assert case.flow.dtype == torch.float32  # the flow itself was not converted
 
 
 def test_prior_log_prob_of_its_own_draw_costs_no_second_solve(case: Case) -> None:

@@ -17,7 +17,7 @@ from ._base import SolveInfo, SolverError
 from .diffeq import ADAPTIVE, FIXED, TorchdiffeqSolver
 from .warped import WARPED_RTOL, WARPED_STEPS, WarpedRK4
 
-__all__ = ["solve", "SolveInfo", "SolverError", "SOLVERS", "METHODS", "WARPED_RTOL",
+__all__ = ["solve", "SolveInfo", "SolverError", "SOLVERS", "METHODS", "NONFINITE", "WARPED_RTOL",
            "WARPED_STEPS"]
 
 #: Solvers by name.
@@ -25,6 +25,8 @@ SOLVERS: dict = {"warped_rk4": WarpedRK4(),
                  **{name: TorchdiffeqSolver(name) for name in ADAPTIVE + FIXED}}
 #: Valid ``method`` names, the package's own first.
 METHODS = tuple(SOLVERS)
+#: What a solve does with non-finite values: raise, or (fixed steps) return them.
+NONFINITE = ("raise", "return")
 
 
 def solve(
@@ -40,6 +42,7 @@ def solve(
     method: str = "dopri5",
     rtol: float | None = None,
     atol: float | None = None,
+    nonfinite: str = "raise",
     **options: object,
 ) -> tuple[Tensor, Tensor | None, SolveInfo]:
     """Integrate the standardized pfODE from ``t0`` to ``t1``.
@@ -62,6 +65,11 @@ def solve(
             steps double from ``WARPED_STEPS`` until the error estimate meets it; with
             ``num_steps`` a solve whose estimate exceeds it raises.
         atol: adaptive absolute tolerance per point (``None`` means ``atol = rtol``).
+        nonfinite: ``"raise"`` (a :class:`SolverError` naming where non-finite values began)
+            or ``"return"``: fixed-step methods return the rows that overflowed as they are
+            (``inf``/``nan``), as a Normal's density returns ``-inf`` far out; the prior uses
+            it, so that a sampler's wild step counts as a divergence instead of ending the run.
+            Adaptive methods cannot step past non-finite values and raise either way.
         **options: the method's own options (``None`` means its default): ``num_steps``
             (``warped_rk4``: ``4 num_steps + 1`` evaluations), ``step_size`` (fixed-step
             torchdiffeq methods), ``max_num_steps`` and ``first_step`` (adaptive ones),
@@ -77,6 +85,8 @@ def solve(
     """
     if method not in SOLVERS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite: expected one of {NONFINITE}, got {nonfinite!r}")
     solver = SOLVERS[method]
     options = {k: v for k, v in options.items() if v is not None and v is not False}
     unknown = sorted(set(options) - solver.options)
@@ -95,6 +105,7 @@ def solve(
     if logdet:
         func = AugmentedField(field, *probes(w0, trace, num_probes, seed))
         y0 = torch.cat([w0, w0.new_zeros(*w0.shape[:-1], 1)], dim=-1)
+    options["nonfinite"] = nonfinite
     y1, info = solver(func, field, y0, float(t0), float(t1), rtol, atol, options)
     if logdet:
         return y1[..., :-1], y1[..., -1], info

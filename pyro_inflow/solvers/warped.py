@@ -170,7 +170,9 @@ class WarpedRK4:
             fast = fused_warped_rk4(func, y0, grid, t0 > t1) if func is field else None
             y1, err = fast if fast is not None else warped_rk4(func, y0, grid, t0 > t1)
             nfe += 4 * steps + 1
-            if not torch.isfinite(y1).all():
+            if options["nonfinite"] == "return":  # rows that overflowed carry no estimate
+                err = torch.where(torch.isfinite(err), err, 0.0)
+            elif not torch.isfinite(y1).all():
                 # rare path: solve again, watching every evaluation, to say where it went wrong
                 counted = Counted(func, y0, (t0, t1))
                 with torch.no_grad():
