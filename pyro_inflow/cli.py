@@ -2,14 +2,20 @@
 
 Every command exits 0 on success; a user error prints one line, ``pyro-inflow: error: ...``, on
 stderr and exits 2 (1 for a numerical failure), with no traceback, and no output file is ever
-left half written.
+left half written. ``encode``, ``decode``, ``log-prob`` and ``sample`` stream: the input is
+checked in one pass before any work (a NaN is reported with its row), then read, solved and
+written ``--batch-size`` rows at a time with a progress bar, into a temporary file renamed onto
+the output at the end; Ctrl-C or ``SIGTERM`` stops within a chunk and leaves no output (exit
+130).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -17,9 +23,13 @@ import numpy as np
 import torch
 
 from . import _io
+from ._chunks import DEFAULT_BATCH, merge_infos
+from ._progress import tqdm
+from ._stream import RowFile, RowWriter, check_finite_rows, interruptible
 from ._validation import check_data
 from .flow import FILLS, InflationaryFlow
 from .solvers import METHODS, SolveInfo, SolverError
+from .solvers.fused import MAX_BATCH, use_kernel
 from .training import TrainingDiverged, init_distributed
 
 __all__ = ["main"]
@@ -55,11 +65,7 @@ def _check_out(*paths: str | None) -> None:
             raise FileNotFoundError(f"{path}: folder {Path(path).parent} does not exist")
 
 
-def _save_npy(path: str, arr: torch.Tensor) -> None:
-    _io.atomic_write(path, lambda f: np.save(f, arr.detach().cpu().numpy()))
-
-
-def _solver_args(p: argparse.ArgumentParser) -> None:
+def _solver_args(p: argparse.ArgumentParser, rows: bool = True) -> None:
     p.add_argument("--rtol", type=float, default=None,
                    help="relative tolerance (default 1e-5; for warped_rk4 the error budget, "
                         "default 5e-2)")
@@ -69,6 +75,18 @@ def _solver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-steps", type=int, default=None,
                    help="steps of warped_rk4 (default 12)")
     p.add_argument("--float64", action="store_true", help="compute in float64")
+    if rows:
+        p.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH, metavar="ROWS",
+                       help=f"rows read, solved and written at a time (default "
+                            f"{DEFAULT_BATCH}); memory grows with it, speed hardly does")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _solver(a: argparse.Namespace) -> dict:
@@ -131,46 +149,75 @@ def cmd_train(a: argparse.Namespace) -> None:
           f"validation loss {val:.4f}{stopped}; wrote {a.out}")
 
 
+def _stream(a: argparse.Namespace, what: str, n: int, chunks: Iterator[torch.Tensor],
+            compute: Callable[[torch.Tensor], tuple[torch.Tensor, SolveInfo]]) -> None:
+    """Solve ``chunks`` (``n`` rows in all) with ``compute`` and write the results to
+    ``a.out`` as they come, with a progress bar; an interruption writes nothing."""
+    infos: list[SolveInfo] = []
+    tic = time.perf_counter()
+    bar = tqdm(total=n, unit=" rows", unit_scale=True, desc=a.command, disable=a.quiet,
+               leave=False, file=sys.stderr)
+    # the chunks take the route one batch of n rows would (the compiled kernel only up to
+    # MAX_BATCH rows in all), so a fixed grid writes the numbers of one batch
+    route = use_kernel(False) if n > MAX_BATCH else contextlib.nullcontext()
+    with interruptible(), RowWriter(a.out, n) as out, bar, route, torch.no_grad():
+        try:
+            for chunk in chunks:
+                result, info = compute(chunk)
+                out.write(result.cpu().numpy())
+                infos.append(info)
+                bar.update(len(chunk))
+            out.commit()
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"{what} stopped after {out.rows:,} of {n:,} rows; "
+                                    f"{a.out} was not written") from None
+    seconds = time.perf_counter() - tic
+    _report_solve(merge_infos(infos), what, n, seconds)
+    print(f"wrote {a.out} ({n / max(seconds, 1e-9):,.0f} rows/s)", file=sys.stderr)
+
+
+def _rows(a: argparse.Namespace, path: str, name: str, dim: int,
+          dtype: torch.dtype) -> tuple[int, Iterator[torch.Tensor]]:
+    """Rows of ``path`` ``(n, dim)``, checked in one streaming pass before any work, as
+    ``a.batch_size`` chunks in the flow's ``dtype``."""
+    rows = RowFile(path, name, dim)
+    check_finite_rows(rows, name)
+    return len(rows), (torch.from_numpy(block).to(dtype) for block in rows.blocks(a.batch_size))
+
+
 def cmd_encode(a: argparse.Namespace) -> None:
     flow = _flow(a)
-    x = check_data(_load_npy(a.data, "DATA"), "DATA", dim=flow.dim)
-    tic = time.perf_counter()
-    with torch.no_grad():
-        z, info = flow.encode(x, return_info=True, **_solver(a))
-    _report_solve(info, "encoded", x.shape[0], time.perf_counter() - tic)
-    _save_npy(a.out, z)
+    n, chunks = _rows(a, a.data, "DATA", flow.dim, flow.dtype)
+    _stream(a, "encoded", n, chunks,
+            lambda x: flow.encode(x, return_info=True, batch_size=None, **_solver(a)))
 
 
 def cmd_decode(a: argparse.Namespace) -> None:
     flow = _flow(a)
-    z = check_data(_load_npy(a.latents, "Z"), "Z", dim=flow.latent_dim)
+    n, chunks = _rows(a, a.latents, "Z", flow.latent_dim, flow.dtype)
     gen = torch.Generator().manual_seed(a.seed)
-    tic = time.perf_counter()
-    with torch.no_grad():
-        x, info = flow.decode(z, fill=a.fill, generator=gen, return_info=True, **_solver(a))
-    _report_solve(info, "decoded", z.shape[0], time.perf_counter() - tic)
-    _save_npy(a.out, x)
+    _stream(a, "decoded", n, chunks,
+            lambda z: flow.decode(z, fill=a.fill, generator=gen, return_info=True,
+                                  batch_size=None, **_solver(a)))
 
 
 def cmd_sample(a: argparse.Namespace) -> None:
     flow = _flow(a)
     if a.n < 1:
         raise ValueError(f"-n: expected a positive number of samples, got {a.n}")
-    tic = time.perf_counter()
-    with torch.no_grad():
-        x, info = flow.sample(a.n, seed=a.seed, return_info=True, **_solver(a))
-    _report_solve(info, "sampled", a.n, time.perf_counter() - tic)
-    _save_npy(a.out, x)
+    blocks = flow.latent_blocks(a.n, seed=a.seed)  # the blocks flow.sample(n, seed) draws
+    _stream(a, "sampled", a.n, blocks,
+            lambda w: flow.decode_full(w, return_info=True, batch_size=a.batch_size,
+                                       **_solver(a)))
 
 
 def cmd_log_prob(a: argparse.Namespace) -> None:
     flow = _flow(a)
-    x = check_data(_load_npy(a.data, "DATA"), "DATA", dim=flow.dim)
-    tic = time.perf_counter()
-    with torch.no_grad():
-        lp, info = flow.log_prob(x, trace=a.trace, return_info=True, **_solver(a))
-    _report_solve(info, "log-density of", x.shape[0], time.perf_counter() - tic)
-    _save_npy(a.out, lp)
+    flow.require_density("log-prob")
+    n, chunks = _rows(a, a.data, "DATA", flow.dim, flow.dtype)
+    _stream(a, "log-density of", n, chunks,
+            lambda x: flow.log_prob(x, trace=a.trace, return_info=True, batch_size=None,
+                                    **_solver(a)))
 
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
@@ -295,7 +342,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="a second flow (e.g. another seed): report latent identifiability")
     c.add_argument("--levels", type=float, nargs="+", default=None,
                    help="nominal levels (default 0.5 0.68 0.9 0.95 0.99)")
-    _solver_args(c)
+    _solver_args(c, rows=False)
     c.set_defaults(func=cmd_calibrate)
 
     lp = sub.add_parser("log-prob", help="log-densities (n,) of DATA.npy (PR-preserving)")
@@ -321,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SolverError, FloatingPointError) as e:
         print(f"pyro-inflow: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("pyro-inflow: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"pyro-inflow: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     return 0
 

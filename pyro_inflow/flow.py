@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
 
+from ._chunks import DEFAULT_BATCH, map_rows
 from ._validation import check_data, check_positive_int
 from .basis import EigenBasis
 from .constructors import empirical_flow, fit_flow, load_flow, mixture_flow, save_flow
@@ -22,9 +23,11 @@ from .solvers import SolveInfo, solve
 from .solvers.watch import ErrorWatch
 from .training import TrainState
 
-__all__ = ["InflationaryFlow", "FILLS"]
+__all__ = ["InflationaryFlow", "FILLS", "SAMPLE_BLOCK"]
 
 FILLS = ("zeros", "normal")
+#: Rows of latent draws per random block of :meth:`InflationaryFlow.latent_blocks`.
+SAMPLE_BLOCK = 65536
 #: A flow's copy in another dtype, with the state it was converted from (``computing_in``).
 _CONVERTED: WeakKeyDictionary = WeakKeyDictionary()
 
@@ -41,7 +44,16 @@ class InflationaryFlow(nn.Module):
     float64, with a converted copy of the flow, see :meth:`computing_in`), else the flow's
     (float32 points for a float64 flow, NumPy arrays and lists take the flow's dtype). Draws
     (:meth:`sample`) have the flow's dtype. ``flow.double()`` makes float64 the default,
-    recommended for log-densities and NUTS. Solver keywords accepted by :meth:`encode`,
+    recommended for log-densities and NUTS.
+
+    **Big inputs**: :meth:`encode`, :meth:`decode`, :meth:`log_prob` and :meth:`sample` solve
+    ``batch_size`` rows at a time (default ``DEFAULT_BATCH = 8192``; ``None``: one batch), so
+    memory stays bounded. On a fixed grid (``warped_rk4`` with ``num_steps``, fixed-step
+    methods) the results are those of one batch; adaptive methods (``dopri5``, and
+    ``warped_rk4`` without ``num_steps``) choose their steps per chunk, driven by its worst
+    row, and agree with one batch within their tolerance.
+
+    Solver keywords accepted by :meth:`encode`,
     :meth:`decode`, :meth:`sample` and :meth:`log_prob` (see :func:`pyro_inflow.solvers.solve`):
     ``method`` (default ``"dopri5"``; ``"warped_rk4"``, the fast fixed grid; fixed-step
     ``"euler"``, ``"rk4"``, ... with ``step_size``), ``rtol`` (default ``1e-5``), ``atol``
@@ -278,10 +290,11 @@ class InflationaryFlow(nn.Module):
         return solve(self.field, w, t0, t1, **solver)
 
     def encode_full(self, x: Tensor, *, return_info: bool = False,
+                    batch_size: int | None = DEFAULT_BATCH,
                     **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
         """Standardized state ``w(T)`` on all ``D`` dimensions, ``(*, D) -> (*, D)``."""
         x = self.check_points(x)
-        w, info = self.computing_in(x.dtype)._encode_full(x, **solver)
+        w, info = map_rows(self.computing_in(x.dtype)._encode_full, x, batch_size, **solver)
         return (w, info) if return_info else w
 
     def _encode_full(self, x: Tensor, **solver: object) -> tuple[Tensor, SolveInfo]:
@@ -289,15 +302,19 @@ class InflationaryFlow(nn.Module):
         return w, info
 
     def encode(self, x: Tensor, *, return_info: bool = False,
+               batch_size: int | None = DEFAULT_BATCH,
                **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
-        """Latent ``z`` of data ``x``: ``(*, D) -> (*, d)`` (inflation, ``t: 0 -> T``)."""
-        w, info = self.encode_full(x, return_info=True, **solver)
+        """Latent ``z`` of data ``x``: ``(*, D) -> (*, d)`` (inflation, ``t: 0 -> T``).
+
+        ``batch_size`` rows are solved at a time (``None``: all at once); see the class
+        docstring for what that changes."""
+        w, info = self.encode_full(x, return_info=True, batch_size=batch_size, **solver)
         z = w[..., self.schedule.kept]
         return (z, info) if return_info else z
 
     def decode(
         self, z: Tensor, *, fill: str = "zeros", generator: torch.Generator | None = None,
-        return_info: bool = False, **solver: object,
+        return_info: bool = False, batch_size: int | None = DEFAULT_BATCH, **solver: object,
     ) -> Tensor | tuple[Tensor, SolveInfo]:
         """Data ``x`` of latent ``z``: ``(*, d) -> (*, D)`` (generation, ``t: T -> 0``).
 
@@ -308,13 +325,14 @@ class InflationaryFlow(nn.Module):
                 their own standardized scale, the paper's small-variance option).
             generator: random generator for ``fill="normal"``.
             return_info: also return the solve's :class:`~pyro_inflow.solvers.SolveInfo`.
+            batch_size: rows solved at a time (``None``: all at once).
             **solver: solver keywords (see the class docstring).
         """
         if fill not in FILLS:
             raise ValueError(f"fill: expected one of {FILLS}, got {fill!r}")
         z = self.check_points(z, "z", latent=True)
-        x, info = self.computing_in(z.dtype)._decode_full(self._full_state(z, fill, generator),
-                                                          **solver)
+        w = self._full_state(z, fill, generator)
+        x, info = map_rows(self.computing_in(z.dtype)._decode_full, w, batch_size, **solver)
         return (x, info) if return_info else x
 
     def _full_state(self, z: Tensor, fill: str = "zeros",
@@ -330,13 +348,14 @@ class InflationaryFlow(nn.Module):
         return torch.cat([z, rest], dim=-1)
 
     def decode_full(self, w: Tensor, *, return_info: bool = False,
+                    batch_size: int | None = DEFAULT_BATCH,
                     **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
         """Data ``x`` of a full standardized state ``w(T)``: ``(*, D) -> (*, D)``.
 
         The inverse of :meth:`encode_full`; for PR-preserving flows the same as :meth:`decode`.
         """
         w = self.check_points(w, "w")
-        x, info = self.computing_in(w.dtype)._decode_full(w, **solver)
+        x, info = map_rows(self.computing_in(w.dtype)._decode_full, w, batch_size, **solver)
         return (x, info) if return_info else x
 
     def _decode_full(self, w: Tensor, **solver: object) -> tuple[Tensor, SolveInfo]:
@@ -375,20 +394,38 @@ class InflationaryFlow(nn.Module):
 
     def sample(
         self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None,
-        fill: str = "zeros", return_info: bool = False, **solver: object,
+        fill: str = "zeros", return_info: bool = False, batch_size: int | None = DEFAULT_BATCH,
+        **solver: object,
     ) -> Tensor | tuple[Tensor, SolveInfo]:
-        """``n`` samples ``(n, D)`` in the flow's dtype: decode ``z ~ N(0, I_d)``."""
+        """``n`` samples ``(n, D)`` in the flow's dtype: decode ``z ~ N(0, I_d)``.
+
+        The latents are drawn in blocks of ``SAMPLE_BLOCK`` rows (:meth:`latent_blocks`), so a
+        seed gives the same samples whatever ``batch_size``, and ``pyro-inflow sample``, which
+        streams the blocks, gives the same file."""
+        if fill not in FILLS:
+            raise ValueError(f"fill: expected one of {FILLS}, got {fill!r}")
+        w = torch.cat(list(self.latent_blocks(n, seed=seed, generator=generator, fill=fill)))
+        x, info = map_rows(self._decode_full, w, batch_size, **solver)
+        return (x, info) if return_info else x
+
+    def latent_blocks(self, n: int, *, seed: int | None = None,
+                      generator: torch.Generator | None = None,
+                      fill: str = "zeros") -> Iterator[Tensor]:
+        """The full states ``w(T)`` of ``n`` draws from the latent, ``(b, D)`` blocks of at most
+        ``SAMPLE_BLOCK`` rows, in the flow's dtype (see :meth:`sample`)."""
         n = check_positive_int(n, "n")
         if generator is None:  # a seeded one, or one seeded from fresh entropy
             generator = torch.Generator(device=self.device)
             _ = generator.seed() if seed is None else generator.manual_seed(seed)
-        z = torch.randn(n, self.latent_dim, generator=generator, dtype=self.dtype,
-                        device=self.device)
-        return self.decode(z, fill=fill, generator=generator, return_info=return_info, **solver)
+        for start in range(0, n, SAMPLE_BLOCK):
+            z = torch.randn(min(SAMPLE_BLOCK, n - start), self.latent_dim, generator=generator,
+                            dtype=self.dtype, device=self.device)
+            yield self._full_state(z, fill, generator)
 
     def log_prob(
         self, x: Tensor, *, full_rank: bool = False, trace: str = "auto", num_probes: int = 16,
-        seed: int = 0, return_info: bool = False, **solver: object,
+        seed: int = 0, return_info: bool = False, batch_size: int | None = DEFAULT_BATCH,
+        **solver: object,
     ) -> Tensor | tuple[Tensor, SolveInfo]:
         r"""Log-density ``log p(x)`` of the flow's ``t = 0`` marginal, ``(*, D) -> (*)``.
 
@@ -406,6 +443,7 @@ class InflationaryFlow(nn.Module):
             seed: seed of the probes (fixed, so the estimate is a deterministic function of
                 ``x``).
             return_info: also return the solve's :class:`~pyro_inflow.solvers.SolveInfo`.
+            batch_size: rows solved at a time (``None``: all at once).
             **solver: solver keywords (see the class docstring).
 
         Raises:
@@ -415,8 +453,8 @@ class InflationaryFlow(nn.Module):
         if not full_rank:
             self.require_density("log_prob")
         x = self.check_points(x)
-        lp, info = self.computing_in(x.dtype)._log_prob(
-            x, trace=trace, num_probes=num_probes, seed=seed, **solver)
+        lp, info = map_rows(self.computing_in(x.dtype)._log_prob, x, batch_size, trace=trace,
+                            num_probes=num_probes, seed=seed, **solver)
         return (lp, info) if return_info else lp
 
     def _log_prob(self, x: Tensor, **solver: object) -> tuple[Tensor, SolveInfo]:

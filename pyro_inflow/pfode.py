@@ -122,6 +122,10 @@ def probes(w0: Tensor, trace: str, num_probes: int, seed: int) -> tuple[Tensor, 
         dim = w0.shape[-1]
         eye = torch.eye(dim, dtype=w0.dtype, device=w0.device)
         return eye.reshape(dim, *([1] * (w0.dim() - 1)), dim).expand(dim, *w0.shape), 1.0
+    # the same probes for every point: a point's estimate does not depend on the batch it is
+    # in (chunked evaluation gives the numbers of one batch, and a prior's value at x does
+    # not change with the other points of a plate)
     gen = torch.Generator(device=w0.device).manual_seed(seed)
-    signs = torch.randint(0, 2, (num_probes, *w0.shape), generator=gen, device=w0.device)
-    return signs.to(w0.dtype) * 2 - 1, 1.0 / num_probes
+    shape = (num_probes, *[1] * (w0.dim() - 1), w0.shape[-1])
+    signs = torch.randint(0, 2, shape, generator=gen, device=w0.device)
+    return (signs.to(w0.dtype) * 2 - 1).expand(num_probes, *w0.shape), 1.0 / num_probes
