@@ -1,3 +1,4 @@
+import pyro
 import pytest
 import torch
 
@@ -20,3 +21,12 @@ def mixture2():
     S = torch.stack([torch.tensor([[0.3, 0.1], [0.1, 0.2]]),
                      torch.tensor([[0.2, -0.05], [-0.05, 0.4]])])
     return w, m, S
+
+
+@pytest.fixture
+def fresh_pyro():
+    """An empty Pyro param store and a fixed Pyro seed, emptied again after the test."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()

@@ -21,12 +21,7 @@ NOISE = 0.4
 Y = torch.tensor([0.3, -0.6], dtype=F64)
 
 
-@pytest.fixture(autouse=True)
-def fresh_pyro():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 def gaussian_flow(**kw):
