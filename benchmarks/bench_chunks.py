@@ -29,7 +29,6 @@ Writes ``benchmarks/results/chunks.json`` (``--quick``: 10x fewer rows, to
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
