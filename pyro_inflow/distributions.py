@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import pyro.distributions as dist
@@ -138,21 +139,23 @@ class InflationaryFlowPrior(dist.TransformedDistribution):
                 f"batch_shape={tuple(self.batch_shape)})")
 
 
+def enclosing_conditions() -> Iterator[Mapping[str, object]]:
+    """The values held by each enclosing ``poutine.condition`` (a dict, or a trace's site
+    values), innermost last."""
+    for handler in _PYRO_STACK:
+        data = getattr(handler, "data", None) if isinstance(handler, ConditionMessenger) else None
+        if data is not None:
+            yield ({k: site["value"] for k, site in data.nodes.items()}
+                   if isinstance(data, Trace) else data)
+
+
 def _conditioned_latents(dim: int) -> list[str]:
     """Sites ``"{name}_base"`` with values ``(..., dim)`` that an enclosing
     ``poutine.condition`` holds without their data-space site ``name``: the latents of
     :func:`~pyro_inflow.reparam_flow_priors`, given to a model that has only ``name``."""
-    names = []
-    for handler in _PYRO_STACK:
-        data = getattr(handler, "data", None) if isinstance(handler, ConditionMessenger) else None
-        if data is None:
-            continue
-        values = ({k: site["value"] for k, site in data.nodes.items()}
-                  if isinstance(data, Trace) else data)
-        names += [k for k, v in values.items()
-                  if isinstance(k, str) and k.endswith("_base") and k[:-5] not in values
-                  and isinstance(v, Tensor) and v.dim() >= 1 and v.shape[-1] == dim]
-    return names
+    return [k for values in enclosing_conditions() for k, v in values.items()
+            if isinstance(k, str) and k.endswith("_base") and k[:-5] not in values
+            and isinstance(v, Tensor) and v.dim() >= 1 and v.shape[-1] == dim]
 
 
 def _warn_if_conditioned_on_latents(dim: int) -> None:

@@ -31,11 +31,9 @@ import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO, autoguide
 from pyro.infer.reparam import TransformReparam
-from pyro.poutine.condition_messenger import ConditionMessenger
-from pyro.poutine.runtime import _PYRO_STACK
 
 from ._progress import tqdm
-from .distributions import InflationaryFlowPrior
+from .distributions import InflationaryFlowPrior, enclosing_conditions
 
 if TYPE_CHECKING:
     from pyro.infer.mcmc.nuts import _TreeInfo
@@ -70,11 +68,7 @@ def _is_flow_prior(fn: torch.distributions.Distribution) -> bool:
 def _conditioned_by_enclosing_handler(name: str) -> bool:
     """Whether a ``poutine.condition`` around the reparametrizer holds a value for ``name``
     (one inside it would already have made the site observed)."""
-    for handler in _PYRO_STACK:
-        data = getattr(handler, "data", None) if isinstance(handler, ConditionMessenger) else None
-        if data is not None and name in data:
-            return True
-    return False
+    return any(name in values for values in enclosing_conditions())
 
 
 class FlowReparam(TransformReparam):

@@ -217,16 +217,18 @@ class InflationaryFlowTransform(Transform):
                 value = torch.where(ok.unsqueeze(-1), value, torch.zeros_like(value))
         return self.flow.computing_in(dtype), value, finite
 
-    def restore(self, result: Tensor, value: Tensor, finite: Tensor | None) -> Tensor:
+    def restore(self, result: Tensor, value: Tensor, finite: Tensor | None,
+                watch: bool = True) -> Tensor:
         """``result`` (``(*)`` or ``(*, k)``) of ``value`` ``(*, n)``, with NaN where
-        ``finite`` (``(*)``) is false; finite values whose result overflowed are counted in
-        ``flow.prior_watch`` (one warning per flow)."""
-        overflow = ~torch.isfinite(result.detach().reshape(*value.shape[:-1], -1)).all(-1)
-        if finite is not None:
-            overflow = overflow & finite
-        if bool(overflow.any()):
-            radius = float(value.detach()[overflow].norm(dim=-1).max())
-            self.flow.prior_watch.record_nonfinite(int(overflow.sum()), radius)
+        ``finite`` (``(*)``) is false; with ``watch``, finite values whose result overflowed
+        are counted in ``flow.prior_watch`` (one warning per flow)."""
+        if watch:
+            overflow = ~torch.isfinite(result.detach().reshape(*value.shape[:-1], -1)).all(-1)
+            if finite is not None:
+                overflow = overflow & finite
+            if bool(overflow.any()):
+                radius = float(value.detach()[overflow].norm(dim=-1).max())
+                self.flow.prior_watch.record_nonfinite(int(overflow.sum()), radius)
         if finite is None:
             return result
         mask = finite if result.dim() == finite.dim() else finite.unsqueeze(-1)
@@ -288,7 +290,8 @@ class InflationaryFlowTransform(Transform):
             return z.new_zeros(self.forward_shape(z.shape)), z.new_zeros(z.shape[:-1])
         x, ladj, info = flow._decode_with_logdet(z, **self.solver_options(trace=True))
         self.record(info)
-        return self.restore(x, z, finite), self.restore(ladj, z, None if finite is None else finite)
+        # one watch per solve: the decode's overflow is the log-determinant's
+        return self.restore(x, z, finite), self.restore(ladj, z, finite, watch=False)
 
     def log_density(self, x: Tensor) -> Tensor:
         """The flow's ``log p(x)`` ``(*)`` of data ``x`` ``(*, D)`` (full rank), checked and
