@@ -21,6 +21,7 @@ from . import datasets
 from .calibration import credible_regions, flow_calibration, identifiability, latent_coverage
 from .denoisers import EmpiricalDenoiser, GaussianMixtureDenoiser
 from .distributions import InflationaryFlowPrior
+from .draws import sample_sites
 from .flow import InflationaryFlow
 from .inference import latent_nuts, latent_svi, reparam_flow_priors
 from .posterior import posterior_samples, to_inference_data
@@ -51,6 +52,7 @@ __all__ = [
     "plot_sbc",
     "posterior_samples",
     "reparam_flow_priors",
+    "sample_sites",
     "simulation_based_calibration",
     "to_inference_data",
 ]

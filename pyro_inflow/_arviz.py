@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-__all__ = ["from_dict", "summary", "mcse_mean", "plot_ecdf_difference"]
+__all__ = ["from_dict", "summary", "mcse_mean", "ess_bulk", "plot_ecdf_difference"]
 
 
 def from_dict(**groups: Any) -> Any:
@@ -41,6 +41,16 @@ def mcse_mean(values: Any) -> tuple[float, float, float]:
     if v.ndim != 2:
         raise ValueError(f"values: expected shape (chain, draw), got {v.shape}")
     return float(v.mean()), float(az.mcse(v, method="mean")), float(az.ess(v, method="bulk"))
+
+
+def ess_bulk(values: Any) -> float:
+    """Bulk effective sample size of ``values (chain, draw)`` (rank-normalized, ArviZ)."""
+    import arviz as az
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 2:
+        raise ValueError(f"values: expected shape (chain, draw), got {v.shape}")
+    return float(az.ess(v, method="bulk"))
 
 
 def plot_ecdf_difference(u: np.ndarray, ax: Any) -> None:

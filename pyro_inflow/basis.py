@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ._validation import check_data
 
-__all__ = ["EigenBasis"]
+__all__ = ["EigenBasis", "ledoit_wolf"]
 
 #: An eigenvector's sign is fixed by its first entry of at least this fraction of its largest.
 SIGN_PIVOT = 0.5
@@ -26,6 +26,22 @@ def _signs(evecs: Tensor) -> Tensor:
     mag = evecs.abs()
     pivot = (mag >= SIGN_PIVOT * mag.amax(dim=0, keepdim=True)).int().argmax(dim=0)
     return torch.sign(evecs[pivot, torch.arange(evecs.shape[1])])
+
+def ledoit_wolf(xc: Tensor) -> float:
+    """The Ledoit-Wolf (2004) shrinkage weight of centered samples ``xc (n, D)``.
+
+    The weight ``a`` in ``[0, 1]`` that minimizes the expected Frobenius error of
+    ``(1 - a) S + a mu I`` (``S`` the maximum-likelihood covariance, ``mu = tr S / D``),
+    estimated from the data.
+    """
+    n, D = xc.shape
+    S = xc.T @ xc / n
+    mu = S.diagonal().mean()
+    delta = (S - mu * torch.eye(D, dtype=S.dtype)).square().sum() / D
+    # (1/n^2) sum_k ||x_k x_k^T - S||_F^2 / D, without forming the n outer products
+    beta = ((xc.square().sum(1).square().sum() / n - S.square().sum()) / n) / D
+    return float((torch.minimum(beta, delta) / delta).clamp(0, 1)) if delta > 0 else 1.0
+
 
 #: Eigenvalues below this fraction of the largest are raised to it (a documented floor).
 EIGENVALUE_FLOOR = 1e-6
@@ -115,13 +131,29 @@ class EigenBasis(nn.Module):
         )
 
     @classmethod
-    def from_data(cls, x: Tensor) -> EigenBasis:
-        """Basis from samples ``x`` of shape ``(n, D)`` (unbiased covariance)."""
+    def from_data(cls, x: Tensor, shrinkage: float | str | None = None) -> EigenBasis:
+        """Basis from samples ``x`` of shape ``(n, D)``.
+
+        Args:
+            x: samples ``(n, D)``.
+            shrinkage: ``None`` (the unbiased sample covariance), ``"ledoit_wolf"``, or a
+                weight ``a`` in ``[0, 1]``: the covariance ``(1 - a) S + a (tr S / D) I`` of
+                the maximum-likelihood ``S`` (:func:`ledoit_wolf` chooses ``a``).
+        """
         x = check_data(x, "data", min_rows=2)
         x64 = x.to(torch.float64)
         mean = x64.mean(0)
         xc = x64 - mean
-        cov = xc.T @ xc / (x.shape[0] - 1)
+        if shrinkage is None:
+            cov = xc.T @ xc / (x.shape[0] - 1)
+        else:
+            weight = ledoit_wolf(xc) if shrinkage == "ledoit_wolf" else shrinkage
+            if not (isinstance(weight, (int, float)) and 0 <= weight <= 1):
+                raise ValueError(f"shrinkage: expected None, 'ledoit_wolf' or a number in "
+                                 f"[0, 1], got {shrinkage!r}")
+            S = xc.T @ xc / x.shape[0]
+            cov = (1 - weight) * S + weight * S.diagonal().mean() * torch.eye(
+                S.shape[0], dtype=S.dtype)
         return cls.from_moments(mean.to(x.dtype), cov.to(x.dtype))
 
     def to_eigen(self, x: Tensor) -> Tensor:

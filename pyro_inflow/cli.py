@@ -104,6 +104,20 @@ def _report_solve(info: SolveInfo, what: str, n: int, seconds: float) -> None:
           f"{err}), {seconds:.2f} s", file=sys.stderr)
 
 
+def _fill_arg(text: str) -> str | float:
+    """``--fill``: a name in FILLS or a standard deviation."""
+    if text in FILLS:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected one of {FILLS} or a number >= 0, got "
+                                         f"{text!r}")
+    return value
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     x = check_data(_load_npy(a.data, "DATA"), "DATA")
     if a.out == a.data:
@@ -147,6 +161,11 @@ def cmd_train(a: argparse.Namespace) -> None:
     print(f"trained a {flow.schedule.schedule.upper()} flow (D={flow.dim}, d={flow.latent_dim}) "
           f"in {time.perf_counter() - tic:.1f} s{on}, {h['samples_seen'][-1]:,} samples seen, "
           f"validation loss {val:.4f}{stopped}; wrote {a.out}")
+    if flow.certificate is not None:
+        from .calibration.certificate import certificate_table
+
+        print(f"held-out calibration of the {flow.certificate['n']:,} points kept out of "
+              f"training (stored in {a.out}):\n{certificate_table(flow.certificate)}")
 
 
 def _stream(a: argparse.Namespace, what: str, n: int, chunks: Iterator[torch.Tensor],
@@ -226,6 +245,7 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     from .calibration import (  # plots and ArviZ-free reports: loaded when asked for
         LEVELS,
         calibration_table,
+        certificate_table,
         flow_calibration,
         identifiability,
         plot_calibration,
@@ -252,6 +272,13 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     if second is not None:
         report["identifiability"] = identifiability(flow, second, x, **solver)
     report["seconds"] = time.perf_counter() - tic
+    if flow.certificate is not None:
+        print(f"stored at training, on the {flow.certificate['n']:,} points kept out of "
+              f"training:\n{certificate_table(flow.certificate)}\n\non {a.heldout}:")
+        report["certificate"] = flow.certificate
+    else:
+        print(f"{a.flow} carries no held-out certificate (made by an older pyro_inflow, or "
+              f"not by fit); on {a.heldout}:")
     print(calibration_table(report))
     files = plot_calibration(report, out, x=x)
     data = {"flow": str(a.flow), "heldout": str(a.heldout), **report_json(report)}
@@ -319,8 +346,9 @@ def _build_parser() -> argparse.ArgumentParser:
     dc.add_argument("flow", metavar="FLOW")
     dc.add_argument("latents", metavar="Z.npy")
     dc.add_argument("--out", required=True, metavar="X.npy")
-    dc.add_argument("--fill", choices=FILLS, default="zeros",
-                    help="PR-reducing flows: compressed coordinates (default zeros)")
+    dc.add_argument("--fill", type=_fill_arg, default="zeros", metavar="{zeros,normal,EPS}",
+                    help="PR-reducing flows: compressed coordinates: zeros (default), normal "
+                    "(N(0, 1), the full-rank model's end state) or N(0, EPS^2) draws")
     dc.add_argument("--seed", type=int, default=0)
     _solver_args(dc)
     dc.set_defaults(func=cmd_decode)

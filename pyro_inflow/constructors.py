@@ -11,8 +11,9 @@ itself (:mod:`pyro_inflow.training`) works in eigen-coordinates and knows nothin
 from __future__ import annotations
 
 import os
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,7 +22,13 @@ from torch import Tensor
 from . import _io
 from ._validation import check_data, check_positive_int
 from .basis import EIGENVALUE_FLOOR, EigenBasis
+from .calibration.certificate import (
+    certificate_summary,
+    holdout_certificate,
+    warn_failed_certificate,
+)
 from .denoisers import DENOISERS, EmpiricalDenoiser, GaussianMixtureDenoiser, check_mixture
+from .draws import SiteLayout, as_draws, is_draws
 from .schedule import SCHEDULE_OPTIONS, InflationSchedule
 from .training import TrainConfig, Trainer, TrainingDiverged, TrainState, split
 
@@ -63,21 +70,36 @@ def fit_flow(cls: type[InflationaryFlow], data: Tensor, schedule: str,
              dims_to_keep: int | None, *, checkpoint: str | os.PathLike | None,
              checkpoint_every: int, resume: str | os.PathLike | None, progress: bool,
              dtype: torch.dtype, device: str | torch.device | None,
-             callback: Callable[[TrainState], None] | None, settings: dict) -> InflationaryFlow:
+             callback: Callable[[TrainState], None] | None, settings: dict,
+             sites: Sequence[str] | None = None, supports: Mapping | None = None,
+             thin: int = 1) -> InflationaryFlow:
     """The body of :meth:`pyro_inflow.InflationaryFlow.fit` (see there)."""
     settings = dict(settings)
     options = {k: settings.pop(k) for k in SCHEDULE_OPTIONS if k in settings}
+    shrinkage = settings.pop("shrinkage", None)
     config = TrainConfig.from_settings(settings)
     check_positive_int(checkpoint_every, "checkpoint_every")
-    x = check_data(data, "data", dtype=torch.float64)
+    gen = torch.Generator().manual_seed(config.seed)
+    layout = None
+    if is_draws(data):  # posterior draws: unconstrained, the end of each chain held out
+        draws = as_draws(data, sites, supports, thin=thin,
+                         validation_fraction=config.validation_fraction)
+        x, layout, val_idx = draws.data, draws.layout, draws.holdout
+        keep = torch.ones(x.shape[0], dtype=torch.bool)
+        keep[val_idx] = False
+        train_idx = keep.nonzero().flatten()
+    elif sites is not None or supports is not None or thin != 1:
+        raise TypeError("fit: sites, supports and thin apply to posterior draws (an MCMC, a "
+                        "dict of sites or an InferenceData), not to an array of samples")
+    else:
+        x = check_data(data, "data", dtype=torch.float64)
+        train_idx, val_idx = split(x.shape[0], config.validation_fraction, gen)
     if x.shape[0] < x.shape[1] + 2:
         raise ValueError(f"data: expected at least D + 2 = {x.shape[1] + 2} points to "
                          f"estimate a covariance, got {x.shape[0]}")
-    gen = torch.Generator().manual_seed(config.seed)
-    train_idx, val_idx = split(x.shape[0], config.validation_fraction, gen)
     with warnings.catch_warnings():  # degenerate directions: judged below, with the schedule
         warnings.simplefilter("ignore")
-        basis = EigenBasis.from_data(x[train_idx])
+        basis = EigenBasis.from_data(x[train_idx], shrinkage=shrinkage)
     check_rank(x[train_idx], basis.lam, schedule, dims_to_keep)
     basis = basis.to(dtype)
     sched = make_schedule(x.shape[1], schedule, dims_to_keep, basis.lam, dtype, options)
@@ -91,9 +113,18 @@ def fit_flow(cls: type[InflationaryFlow], data: Tensor, schedule: str,
     except TrainingDiverged as e:
         e.flow = cls(basis.to(e.denoiser.lam.device), e.denoiser).requires_grad_(False)
         raise
-    flow = cls(basis.to(denoiser.lam.device), denoiser)
-    flow.history = history
-    return flow.requires_grad_(False)
+    flow = cls(basis.to(denoiser.lam.device), denoiser).requires_grad_(False)
+    flow.history, flow.sites = history, layout
+    if len(val_idx):  # every rank computes it (the same numbers); rank 0 says it
+        dev = denoiser.lam.device
+        flow.certificate = holdout_certificate(flow, x[val_idx].to(dtype).to(dev),
+                                               x[train_idx].to(dtype).to(dev),
+                                               seed=config.seed)
+        if trainer.rank == 0:
+            if progress:
+                print(certificate_summary(flow.certificate), file=sys.stderr)
+            warn_failed_certificate(flow, "fit")
+    return flow
 
 
 def mixture_flow(cls: type[InflationaryFlow], weights: Tensor, means: Tensor,
@@ -132,6 +163,8 @@ def save_flow(flow: InflationaryFlow, path: str | os.PathLike, metadata: dict | 
         "denoiser": {"type": kind, "config": den.config(),
                      "state": {k: v.detach().cpu() for k, v in den.state_dict().items()}},
         "metadata": dict(metadata or {}),
+        "certificate": flow.certificate,
+        "sites": None if flow.sites is None else flow.sites.config(),
     })
 
 
@@ -157,4 +190,12 @@ def load_flow(cls: type[InflationaryFlow], path: str | os.PathLike,
         raise ValueError(f"{path}: corrupt pyro_inflow flow file ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
     flow.metadata = dict(record.get("metadata", {}))
+    cert = record.get("certificate")
+    flow.certificate = cert if isinstance(cert, dict) and "passed" in cert else None
+    try:
+        flow.sites = None if record.get("sites") is None else SiteLayout(record["sites"])
+        if flow.sites is not None and flow.sites.dim != flow.dim:
+            raise ValueError(f"sites of {flow.sites.dim} dimensions for a {flow.dim}-D flow")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt pyro_inflow flow file (sites: {e})") from e
     return flow.requires_grad_(False).to(map_location)

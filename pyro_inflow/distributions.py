@@ -13,6 +13,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
+from .calibration.certificate import warn_failed_certificate
 from .transforms import InflationaryFlowTransform
 
 if TYPE_CHECKING:  # the Pyro layer sits above the flow and never imports it at run time
@@ -60,6 +61,7 @@ class InflationaryFlowPrior(dist.TransformedDistribution):
         zeros = torch.zeros(transform.in_dim, dtype=flow.dtype, device=flow.device)
         base = dist.Normal(zeros, 1.0).to_event(1)
         super().__init__(base, [transform], validate_args=validate_args)
+        warn_failed_certificate(flow, "prior")
 
     @property
     def base_dist(self) -> dist.TorchDistribution:

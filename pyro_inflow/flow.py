@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from weakref import WeakKeyDictionary
 
 import torch
@@ -17,6 +17,7 @@ from .basis import EigenBasis
 from .constructors import empirical_flow, fit_flow, load_flow, mixture_flow, save_flow
 from .denoisers import Denoiser
 from .distributions import InflationaryFlowPrior
+from .draws import SiteLayout
 from .pfode import PFODEField
 from .schedule import InflationSchedule
 from .solvers import SolveInfo, solve
@@ -30,6 +31,16 @@ FILLS = ("zeros", "normal")
 SAMPLE_BLOCK = 65536
 #: A flow's copy in another dtype, with the state it was converted from (``computing_in``).
 _CONVERTED: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def _fill_sd(fill: str | float) -> float:
+    """The standard deviation of the compressed coordinates that ``fill`` asks for."""
+    if isinstance(fill, str) and fill in FILLS:
+        return 0.0 if fill == "zeros" else 1.0
+    if (isinstance(fill, (int, float)) and not isinstance(fill, bool) and math.isfinite(fill)
+            and fill >= 0):
+        return float(fill)
+    raise ValueError(f"fill: expected one of {FILLS} or a standard deviation >= 0, got {fill!r}")
 
 
 class InflationaryFlow(nn.Module):
@@ -66,6 +77,11 @@ class InflationaryFlow(nn.Module):
 
     Attributes:
         history: the training history (:meth:`fit`), else ``None``.
+        certificate: the held-out calibration check made by :meth:`fit` (saved with the flow;
+            see :func:`pyro_inflow.calibration.holdout_certificate`), else ``None``.
+        sites: for a flow fitted to posterior draws, the :class:`~pyro_inflow.draws.SiteLayout`
+            of its named sites (saved with the flow; :func:`pyro_inflow.sample_sites`), else
+            ``None``.
         metadata: what :meth:`save` was given (:meth:`load`), else ``{}``.
         prior_watch: the largest ``warped_rk4`` error estimate seen by this flow's priors
             (an :class:`~pyro_inflow.solvers.watch.ErrorWatch`, shared by every
@@ -89,6 +105,8 @@ class InflationaryFlow(nn.Module):
         self.basis = basis
         self.field = PFODEField(denoiser, basis.lam.clone())
         self.history: dict | None = None
+        self.certificate: dict | None = None
+        self.sites: SiteLayout | None = None
         self.metadata: dict = {}
         self.prior_watch = ErrorWatch()
 
@@ -164,17 +182,26 @@ class InflationaryFlow(nn.Module):
         checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1000,
         resume: str | os.PathLike | None = None, progress: bool = True,
         dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
-        callback: Callable[[TrainState], None] | None = None, **settings: object,
+        callback: Callable[[TrainState], None] | None = None,
+        sites: Sequence[str] | None = None, supports: Mapping[str, object] | None = None,
+        thin: int = 1, **settings: object,
     ) -> InflationaryFlow:
-        """Learn an inflationary flow from samples.
+        """Learn an inflationary flow from samples, or from the posterior draws of a study.
 
-        The data are split (``validation_fraction`` held out, seeded); the eigen-basis and the
-        schedule come from the training split, and a
-        :class:`~pyro_inflow.denoisers.PreconditionedDenoiser` is trained on it
-        (:mod:`pyro_inflow.training`).
+        The data are split (``validation_fraction`` held out, seeded; for posterior draws the
+        last ``validation_fraction`` of every chain); the eigen-basis and the schedule come
+        from the training split, and a :class:`~pyro_inflow.denoisers.PreconditionedDenoiser`
+        is trained on it (:mod:`pyro_inflow.training`). After training the flow checks its
+        latent coverage on the held-out split (``flow.certificate``, saved with the flow); a
+        flow that fails the check warns, here and when it first becomes a prior.
 
         Args:
-            data: ``(n, D)`` floating array or tensor of samples, finite, ``n >= D + 2``.
+            data: ``(n, D)`` floating array or tensor of samples, finite, ``n >= D + 2``; or
+                posterior draws (:mod:`pyro_inflow.draws`): a ``pyro.infer.MCMC`` after
+                ``run``, a dict ``{site: (S, *shape)}`` such as ``mcmc.get_samples()``, or an
+                ArviZ ``InferenceData``. Draws are mapped to unconstrained space site by site
+                and packed into one vector; ``flow.sites`` records how, and
+                :func:`pyro_inflow.sample_sites` unpacks the prior into named values.
             schedule: ``"prp"`` (PR-preserving) or ``"prr"`` (PR-reducing).
             dims_to_keep: for ``"prr"``, the number ``d`` of kept dimensions.
             checkpoint: write a resumable checkpoint here every ``checkpoint_every`` steps, at
@@ -190,9 +217,16 @@ class InflationaryFlow(nn.Module):
             callback: called after every training step with a
                 :class:`~pyro_inflow.training.TrainState` (step, losses at evaluations, the EMA
                 denoiser); raising ``KeyboardInterrupt`` in it stops the run like Ctrl-C.
+            sites: posterior draws only: the sites to learn (default: every sampled site).
+            supports: posterior draws only: ``{site: constraint}`` for dicts and
+                InferenceData (a torch constraint or ``"positive"``, ``"unit_interval"``,
+                ``"simplex"``, ``"real"``); an MCMC's own transforms say it otherwise.
+            thin: posterior draws only: keep every ``thin``-th draw of each chain.
             **settings: schedule options (``inflation_gap``, ``gamma0``, ``rho``, ``t_max``,
-                ``tol``; see :class:`~pyro_inflow.InflationSchedule`) and training settings
-                (fields of :class:`~pyro_inflow.training.TrainConfig`: ``steps``,
+                ``tol``; see :class:`~pyro_inflow.InflationSchedule`), ``shrinkage`` of the
+                covariance that defines the basis (``None``, ``"ledoit_wolf"`` or a weight in
+                ``[0, 1]``, see :meth:`~pyro_inflow.basis.EigenBasis.from_data`), and training
+                settings (fields of :class:`~pyro_inflow.training.TrainConfig`: ``steps``,
                 ``batch_size``, ``lr``, ``patience``, ``seed``, ...).
 
         Returns:
@@ -217,7 +251,8 @@ class InflationaryFlow(nn.Module):
         """
         return fit_flow(cls, data, schedule, dims_to_keep, checkpoint=checkpoint,
                         checkpoint_every=checkpoint_every, resume=resume, progress=progress,
-                        dtype=dtype, device=device, callback=callback, settings=settings)
+                        dtype=dtype, device=device, callback=callback, settings=settings,
+                        sites=sites, supports=supports, thin=thin)
 
     # ------------------------------------------------------------------ the maps
     # Each public map checks its input (check_points) and computes with the flow in the
@@ -313,7 +348,7 @@ class InflationaryFlow(nn.Module):
         return (z, info) if return_info else z
 
     def decode(
-        self, z: Tensor, *, fill: str = "zeros", generator: torch.Generator | None = None,
+        self, z: Tensor, *, fill: str | float = "zeros", generator: torch.Generator | None = None,
         return_info: bool = False, batch_size: int | None = DEFAULT_BATCH, **solver: object,
     ) -> Tensor | tuple[Tensor, SolveInfo]:
         """Data ``x`` of latent ``z``: ``(*, d) -> (*, D)`` (generation, ``t: T -> 0``).
@@ -321,30 +356,31 @@ class InflationaryFlow(nn.Module):
         Args:
             z: latent points ``(*, d)``.
             fill: for PR-reducing flows, the compressed coordinates at ``T``: ``"zeros"``
-                (the learned ``d``-dimensional manifold) or ``"normal"`` (``N(0, 1)`` draws of
-                their own standardized scale, the paper's small-variance option).
+                (the learned ``d``-dimensional manifold), ``"normal"`` (``N(0, 1)`` draws of
+                their own standardized scale: the full-rank model's end state), or a number
+                ``eps >= 0``: ``N(0, eps^2)`` draws (the paper's small-variance generation;
+                ``"zeros"`` is ``0``, ``"normal"`` is ``1``).
             generator: random generator for ``fill="normal"``.
             return_info: also return the solve's :class:`~pyro_inflow.solvers.SolveInfo`.
             batch_size: rows solved at a time (``None``: all at once).
             **solver: solver keywords (see the class docstring).
         """
-        if fill not in FILLS:
-            raise ValueError(f"fill: expected one of {FILLS}, got {fill!r}")
+        _fill_sd(fill)
         z = self.check_points(z, "z", latent=True)
         w = self._full_state(z, fill, generator)
         x, info = map_rows(self.computing_in(z.dtype)._decode_full, w, batch_size, **solver)
         return (x, info) if return_info else x
 
-    def _full_state(self, z: Tensor, fill: str = "zeros",
+    def _full_state(self, z: Tensor, fill: str | float = "zeros",
                     generator: torch.Generator | None = None) -> Tensor:
         """The full state ``w(T)`` ``(*, D)`` of latent ``z`` ``(*, d)``: the compressed
-        coordinates of a PR-reducing flow are zeros or ``N(0, 1)`` draws (``fill``)."""
+        coordinates of a PR-reducing flow are zeros or ``N(0, sd^2)`` draws (``fill``)."""
         extra = self.dim - self.latent_dim
         if not extra:
             return z
-        shape = (*z.shape[:-1], extra)
-        rest = (torch.randn(shape, generator=generator, dtype=z.dtype, device=z.device)
-                if fill == "normal" else z.new_zeros(shape))
+        shape, sd = (*z.shape[:-1], extra), _fill_sd(fill)
+        rest = (sd * torch.randn(shape, generator=generator, dtype=z.dtype, device=z.device)
+                if sd > 0 else z.new_zeros(shape))
         return torch.cat([z, rest], dim=-1)
 
     def decode_full(self, w: Tensor, *, return_info: bool = False,
@@ -394,7 +430,8 @@ class InflationaryFlow(nn.Module):
 
     def sample(
         self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None,
-        fill: str = "zeros", return_info: bool = False, batch_size: int | None = DEFAULT_BATCH,
+        fill: str | float = "zeros", return_info: bool = False,
+        batch_size: int | None = DEFAULT_BATCH,
         **solver: object,
     ) -> Tensor | tuple[Tensor, SolveInfo]:
         """``n`` samples ``(n, D)`` in the flow's dtype: decode ``z ~ N(0, I_d)``.
@@ -402,15 +439,14 @@ class InflationaryFlow(nn.Module):
         The latents are drawn in blocks of ``SAMPLE_BLOCK`` rows (:meth:`latent_blocks`), so a
         seed gives the same samples whatever ``batch_size``, and ``pyro-inflow sample``, which
         streams the blocks, gives the same file."""
-        if fill not in FILLS:
-            raise ValueError(f"fill: expected one of {FILLS}, got {fill!r}")
+        _fill_sd(fill)
         w = torch.cat(list(self.latent_blocks(n, seed=seed, generator=generator, fill=fill)))
         x, info = map_rows(self._decode_full, w, batch_size, **solver)
         return (x, info) if return_info else x
 
     def latent_blocks(self, n: int, *, seed: int | None = None,
                       generator: torch.Generator | None = None,
-                      fill: str = "zeros") -> Iterator[Tensor]:
+                      fill: str | float = "zeros") -> Iterator[Tensor]:
         """The full states ``w(T)`` of ``n`` draws from the latent, ``(b, D)`` blocks of at most
         ``SAMPLE_BLOCK`` rows, in the flow's dtype (see :meth:`sample`)."""
         n = check_positive_int(n, "n")

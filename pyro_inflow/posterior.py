@@ -14,8 +14,10 @@ values are decoded once.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -121,9 +123,32 @@ def posterior_trace(fitted: MCMC | LatentSVI | Callable, args: tuple, kwargs: di
         latent = {k: v.reshape(num_samples, *nodes[k]["value"].shape)
                   for k, v in guided.items() if k in nodes}
     with torch.no_grad():
-        trace = Predictive(model, posterior_samples=pad_for_plates(latent, nodes)
-                           ).get_vectorized_trace(*args, **kwargs)
+        try:
+            trace = Predictive(model, posterior_samples=pad_for_plates(latent, nodes)
+                               ).get_vectorized_trace(*args, **kwargs)
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            warnings.warn(
+                f"the model does not broadcast over a batch of posterior draws "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); its sites are "
+                f"computed one draw at a time instead, which is slower. To vectorize, write "
+                f"the model so that a batch of draws on the left of every plate broadcasts "
+                f"(e.g. (X * beta).sum(-1) instead of X @ beta)",
+                UserWarning, stacklevel=3)
+            trace = _sequential_trace(model, latent, names, chains * draws, args, kwargs)
     return PosteriorTrace(trace, nodes, names, chains, draws, args, kwargs)
+
+
+def _sequential_trace(model: Callable, latent: dict[str, torch.Tensor], names: list[str],
+                      n: int, args: tuple, kwargs: dict) -> Any:
+    """What a vectorized trace holds (``nodes[name]["value"]`` of ``n`` draws), one draw at a
+    time, for models that do not broadcast over a batch of draws."""
+    values: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    for i in range(n):
+        conditioned = poutine.condition(model, {k: v[i] for k, v in latent.items()})
+        nodes = poutine.trace(conditioned).get_trace(*args, **kwargs).nodes
+        for k in names:
+            values[k].append(nodes[k]["value"].detach())
+    return SimpleNamespace(nodes={k: {"value": torch.stack(v)} for k, v in values.items()})
 
 
 def posterior_samples(

@@ -107,6 +107,14 @@ def test_prr_log_prob_raises_and_decode_fills(mixture2):
     assert not torch.allclose(on, off)
     with pytest.raises(ValueError, match="fill: expected one of"):
         flow.decode(z, fill="ones")
+    with pytest.raises(ValueError, match="a standard deviation >= 0, got -0.1"):
+        flow.decode(z, fill=-0.1)
+    # a number is the standard deviation of the compressed end state: 0 is "zeros", and
+    # eps scales the same draws as "normal" (the full state is linear in it for this flow)
+    torch.testing.assert_close(flow.decode(z, fill=0.0, rtol=1e-8), on)
+    w_eps = flow._full_state(z, 0.1, torch.Generator().manual_seed(0))
+    w_one = flow._full_state(z, "normal", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(w_eps[:, 1], 0.1 * w_one[:, 1])
 
 
 def test_decode_jacobian_of_gaussian_flow_is_exact():

@@ -95,7 +95,7 @@ def test_early_stopping_returns_the_weights_of_the_best_validation_loss(tmp_path
                          {k: v.clone() for k, v in state.denoiser.state_dict().items()}))
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # early stopping: no overfitting warning
+        warnings.simplefilter("error", UserWarning)  # early stopping: no overfitting warning
         flow = InflationaryFlow.fit(x, **TINY, patience=3, callback=record)
     vals = flow.history["val_loss"]
     assert vals == [loss for loss, _ in seen]
@@ -145,6 +145,7 @@ def test_early_stopping_returns_the_weights_of_the_best_validation_loss(tmp_path
          {"schedule": "prr", "dims_to_keep": 3}, ValueError, "dims_to_keep: expected an integer"),
         (np.ones((50, 2), dtype=int), {}, TypeError, "data: expected a floating-point array"),
         (np.zeros((0, 2)), {}, ValueError, "data: expected at least 1 point"),
+        (torch.randn(100, 2), {"shrinkage": 2.0}, ValueError, "shrinkage: expected None"),
     ],
 )
 def test_fit_rejects_bad_input(data, kwargs, err, match):
