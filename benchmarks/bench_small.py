@@ -21,9 +21,11 @@ share inside the chi-square(d) regions at levels 0.5, 0.68, 0.9, 0.95, 0.99, and
 splits, its error on the pooled held-out latents of all splits, and the *noise floor*: the
 mean error a perfectly calibrated prior would show on the same number of points (simulated).
 
-    python benchmarks/bench_small.py [--quick] [--splits 3] [--flow-settings '{"steps": 800}']
+    python benchmarks/bench_small.py [--quick] [--splits 3] [--flow-settings '{"hidden": 64}'
+                                     --tag NAME]
 
-Needs scikit-learn. Writes ``benchmarks/results/small.json``.
+Needs scikit-learn. Writes ``benchmarks/results/small.json`` (``small_NAME.json`` with
+``--tag``).
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--splits", type=int, default=3)
     p.add_argument("--flow-settings", default="{}", help="JSON keyword settings of fit")
+    p.add_argument("--tag", default=None, help="write small_TAG.json (a variant's results)")
     a = p.parse_args()
     settings = json.loads(a.flow_settings)
     if a.quick:
@@ -144,10 +147,9 @@ def main() -> None:
               f"{pooled['max_abs_error']:.3f} | {np.mean(lls):.1f} |")
     print(f"| a perfectly calibrated prior (noise floor) | {floor_one:.3f} | {floor_pool:.3f} "
           f"| |")
-    write_results("small", {"settings": settings, "splits": splits, "rows": rows,
-                            "summary": summary, "noise_floor": {"one_split": floor_one,
-                                                                "pooled": floor_pool}},
-                  a.quick)
+    payload = {"settings": settings, "splits": splits, "rows": rows, "summary": summary,
+               "noise_floor": {"one_split": floor_one, "pooled": floor_pool}}
+    write_results("small" if a.tag is None else f"small_{a.tag}", payload, a.quick)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         "schedule": a.schedule, "dims_to_keep": a.dims_to_keep, "seed": a.seed,
         "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "t_max": a.t_max,
         "hidden": a.hidden, "depth": a.depth, "patience": a.patience}.items() if v is not None}
+    if settings.get("patience") == 0:
+        settings["patience"] = None  # --patience 0: no early stopping
     ckpt = a.checkpoint or f"{a.out}.ckpt"
     rank, world = init_distributed()  # torchrun --nproc-per-node N: data-parallel training
     tic = time.perf_counter()
@@ -327,7 +329,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--depth", type=int, default=None)
     t.add_argument("--patience", type=int, default=None, metavar="N",
                    help="early stopping: stop after N validation checks without improvement "
-                        "and keep the best weights (for data sets of a few thousand points)")
+                        "and keep the best weights (default 4; 0 trains all steps)")
     t.add_argument("--checkpoint", default=None,
                    help="resumable checkpoint file (default FLOW.ckpt, removed on success)")
     t.add_argument("--checkpoint-every", type=int, default=1000)

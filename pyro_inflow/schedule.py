@@ -25,6 +25,10 @@ from torch import Tensor, nn
 __all__ = ["InflationSchedule", "SCHEDULES", "SCHEDULE_OPTIONS", "as_time"]
 
 SCHEDULES = ("prp", "prr")
+#: The paper's constant inflation gap (``inflation_gap="paper"``): compressed directions inflate
+#: at ``1 + g = 0.98`` against the kept ones' 2 (``benchmarks/bench_schedules.py`` compares it
+#: with the default ``g = -d / (D - d)``).
+PAPER_INFLATION_GAP = 0.02
 #: Keyword options of :class:`InflationSchedule` that the flow constructors pass through.
 SCHEDULE_OPTIONS = ("inflation_gap", "gamma0", "rho", "t_max", "tol")
 
@@ -42,8 +46,9 @@ class InflationSchedule(nn.Module):
         schedule: ``"prp"`` (PR-preserving) or ``"prr"`` (PR-reducing).
         dims_to_keep: for ``"prr"``, the number ``d`` of kept dimensions, ``1 <= d < D``.
         inflation_gap: for ``"prr"``, use the constant inflation-gap variant
-            ``g_i = -inflation_gap`` on compressed dimensions (``inflation_gap > -1 + ...``,
-            any value below the kept rate works; the paper uses values near 1).
+            ``g_i = -inflation_gap`` on compressed dimensions (any ``inflation_gap > -1``
+            keeps them below the kept rate); ``"paper"`` is the paper's ``0.02``
+            (``1 + g = 0.98``: the compressed noise still grows, slower than the kept).
         gamma0: noise variance at ``t = 0`` (scaled units; the flow's ``t = 0`` marginal is the
             data convolved with ``N(0, gamma0 I)``).
         rho: exponential growth rate of the noise.
@@ -68,7 +73,7 @@ class InflationSchedule(nn.Module):
         schedule: str = "prp",
         dims_to_keep: int | None = None,
         *,
-        inflation_gap: float | None = None,
+        inflation_gap: float | str | None = None,
         gamma0: float = 5e-4,
         rho: float = 1.0,
         t_max: float | None = None,
@@ -105,6 +110,11 @@ class InflationSchedule(nn.Module):
         if not tol < 1:
             raise ValueError(f"tol: expected a number in (0, 1), got {tol}")
         self.dim, self.schedule, self.dims_to_keep = dim, schedule, dims_to_keep
+        if inflation_gap == "paper":
+            inflation_gap = PAPER_INFLATION_GAP
+        elif isinstance(inflation_gap, str) or isinstance(inflation_gap, bool):
+            raise ValueError(f"inflation_gap: expected a number or 'paper', got "
+                             f"{inflation_gap!r}")
         self.inflation_gap = None if inflation_gap is None else float(inflation_gap)
         self.gamma0, self.rho, self.tol = float(gamma0), float(rho), float(tol)
         g = [0.0] * dim

@@ -199,7 +199,10 @@ def test_calibrate_end_to_end(trained, tmp_path, capsys):
                  "--compare", str(flow)]) == 0
     printed = capsys.readouterr().out
     assert "latent coverage" in printed and "data-space regions" in printed
+    # the certificate stored at training is shown first, and kept in the report
+    assert printed.startswith("stored at training, on the ") and "held-out certificate:" in printed
     report = json.loads((out / "report.json").read_text())
+    assert report["certificate"] == InflationaryFlow.load(flow).certificate
     assert {p.name for p in out.iterdir()} == {"report.json", "coverage.png", "latent.png",
                                                "regions.png"}
     cov, reg = report["coverage"], report["regions"]

@@ -8,6 +8,11 @@ from pyro_inflow import InflationSchedule
 from pyro_inflow.basis import EigenBasis
 
 
+def test_an_unknown_named_gap_is_refused():
+    with pytest.raises(ValueError, match="inflation_gap: expected a number or 'paper'"):
+        InflationSchedule(3, "prr", 2, inflation_gap="papr")
+
+
 @pytest.mark.parametrize(
     "dim, kind, d, gap, expected",
     [
@@ -15,6 +20,7 @@ from pyro_inflow.basis import EigenBasis
         (3, "prr", 2, None, [1.0, 1.0, -2.0]),
         (4, "prr", 1, None, [1.0, -1 / 3, -1 / 3, -1 / 3]),
         (4, "prr", 2, 1.02, [1.0, 1.0, -1.02, -1.02]),
+        (3, "prr", 2, "paper", [1.0, 1.0, -0.02]),  # the paper's 1 + g = 0.98
     ],
 )
 def test_g_per_schedule(dim, kind, d, gap, expected):

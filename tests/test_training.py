@@ -84,8 +84,8 @@ TINY = {"steps": 600, "batch_size": 64, "hidden": 64, "depth": 2, "eval_every": 
 def test_early_stopping_returns_the_weights_of_the_best_validation_loss(tmp_path):
     """30 training points overfit within a few hundred steps: the validation loss turns up."""
     x = datasets.load("moons", n=40, seed=0)
-    with pytest.warns(UserWarning, match="validation loss rose .* pass patience"):
-        plain = InflationaryFlow.fit(x, **TINY)
+    with pytest.warns(UserWarning, match="validation loss rose .*patience=4, the default"):
+        plain = InflationaryFlow.fit(x, **TINY, patience=None)
     assert len(plain.history["val_loss"]) == 24
     seen = []
 

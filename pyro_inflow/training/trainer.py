@@ -365,6 +365,6 @@ class Trainer:
                 f"fit: the validation loss rose from {vals[i]:.4g} at step {h['step'][i]} to "
                 f"{vals[-1]:.4g} at the end: the network is overfitting its "
                 f"{self.u_train.shape[0]} training points, and the flow will be overconfident "
-                f"on new data; pass patience=4 (early stopping, keeps the best weights) or "
-                f"fewer steps", stacklevel=4)
+                f"on new data; early stopping (patience=4, the default; this run had "
+                f"patience=None) keeps the best weights, or train fewer steps", stacklevel=4)
         return self.ema, h
