@@ -24,6 +24,7 @@ from ._validation import check_data, check_positive_int
 from .basis import EIGENVALUE_FLOOR, EigenBasis
 from .calibration.certificate import (
     certificate_summary,
+    check_certificate,
     holdout_certificate,
     warn_failed_certificate,
 )
@@ -190,12 +191,11 @@ def load_flow(cls: type[InflationaryFlow], path: str | os.PathLike,
         raise ValueError(f"{path}: corrupt pyro_inflow flow file ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
     flow.metadata = dict(record.get("metadata", {}))
-    cert = record.get("certificate")
-    flow.certificate = cert if isinstance(cert, dict) and "passed" in cert else None
     try:
+        flow.certificate = check_certificate(record.get("certificate"))
         flow.sites = None if record.get("sites") is None else SiteLayout(record["sites"])
         if flow.sites is not None and flow.sites.dim != flow.dim:
-            raise ValueError(f"sites of {flow.sites.dim} dimensions for a {flow.dim}-D flow")
+            raise ValueError(f"sites: {flow.sites.dim} dimensions for a {flow.dim}-D flow")
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: corrupt pyro_inflow flow file (sites: {e})") from e
+        raise ValueError(f"{path}: corrupt pyro_inflow flow file ({e})") from e
     return flow.requires_grad_(False).to(map_location)

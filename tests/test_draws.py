@@ -255,3 +255,21 @@ def test_a_model_that_does_not_broadcast_still_gets_its_named_sites_after_nuts()
     torch.testing.assert_close(samples["beta"], samples["prior"])
     decoded = flow.decode(samples["prior_base"], method="warped_rk4")
     torch.testing.assert_close(samples["prior"], decoded)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("certificate", {"passed": False}, "certificate: not a held-out certificate"),
+    ("certificate", "calibrated", "certificate: not a held-out certificate"),
+    ("sites", [{"name": "a", "shape": [3], "support": {"type": "real"}}],
+     "sites: 3 dimensions for a 2-D flow"),
+    ("sites", [{"name": "a", "shape": [2], "support": {"type": "os.system"}}],
+     "unknown support"),
+])
+def test_a_foreign_certificate_or_layout_is_refused_at_load(tmp_path, field, value, message):
+    flow = _gaussian_flow()
+    setattr(flow, field, value if field == "certificate" else SiteLayout.__new__(SiteLayout))
+    if field == "sites":  # a layout object whose record is the bad value
+        flow.sites.config = lambda: value
+    flow.save(tmp_path / "f.flow")
+    with pytest.raises(ValueError, match=f"corrupt pyro_inflow flow file .*{message}"):
+        InflationaryFlow.load(tmp_path / "f.flow")

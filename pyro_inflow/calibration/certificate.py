@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # calibration sits above the flow and never imports it at run
     from ..flow import InflationaryFlow
 
 __all__ = ["holdout_certificate", "certificate_table", "warn_failed_certificate",
-           "CERTIFICATE_SOLVER", "MAX_CERTIFICATE_POINTS"]
+           "check_certificate", "CERTIFICATE_SOLVER", "MAX_CERTIFICATE_POINTS"]
 
 #: The solver of the check: the prior's default grid (what inference will use).
 CERTIFICATE_SOLVER = {"method": "warped_rk4", "num_steps": 12}
@@ -81,6 +81,29 @@ def holdout_certificate(flow: InflationaryFlow, heldout: torch.Tensor,
         tr, _ = _coverage_of(flow, train, seed + 1, solver)
         cert["train_coverage"] = tr["coverage"]
         cert["overfit_gap"] = float(np.mean(np.subtract(tr["coverage"], cov["coverage"])))
+    return cert
+
+
+def check_certificate(cert: object) -> dict | None:
+    """A certificate read from a file, checked: ``None`` stays ``None``.
+
+    Raises:
+        ValueError: anything else than a certificate of this module's shape (what a flow file
+            that is corrupt, or not ours, might hold), so that no later use can fail on it.
+    """
+    if cert is None:
+        return None
+    lists = ("levels", "coverage", "stderr", "z")
+    try:
+        ok = (isinstance(cert, dict) and isinstance(cert["passed"], bool)
+              and isinstance(cert["verdict"], str) and isinstance(cert["n"], int)
+              and isinstance(cert["max_abs_error"], float)
+              and all(isinstance(cert[k], list) and len(cert[k]) == len(cert["levels"]) > 0
+                      and all(isinstance(v, float) for v in cert[k]) for k in lists))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError("certificate: not a held-out certificate of pyro_inflow")
     return cert
 
 
