@@ -76,9 +76,8 @@ def judge_flow(flow: InflationaryFlow, xte: torch.Tensor, seed: int) -> tuple[np
     with torch.no_grad():
         z = flow.encode(flow.add_t0_noise(xte, generator=gen), method="warped_rk4",
                         num_steps=12)
-        lp = flow.double().log_prob(xte.double(), trace="exact", method="warped_rk4",
-                                    num_steps=12)
-    flow.float()
+        # float64 points: the flow computes them in float64 (a converted copy)
+        lp = flow.log_prob(xte.double(), trace="exact", method="warped_rk4", num_steps=12)
     return z.double().numpy(), float(lp.mean())
 
 

@@ -37,20 +37,23 @@ def mcse_mean(values: Any) -> tuple[float, float, float]:
     """
     import arviz as az
 
-    v = np.asarray(values, dtype=np.float64)
-    if v.ndim != 2:
-        raise ValueError(f"values: expected shape (chain, draw), got {v.shape}")
-    return float(v.mean()), float(az.mcse(v, method="mean")), float(az.ess(v, method="bulk"))
+    v = _chains(values)
+    return float(v.mean()), float(az.mcse(v, method="mean")), ess_bulk(v)
 
 
 def ess_bulk(values: Any) -> float:
     """Bulk effective sample size of ``values (chain, draw)`` (rank-normalized, ArviZ)."""
     import arviz as az
 
+    return float(az.ess(_chains(values), method="bulk"))
+
+
+def _chains(values: Any) -> np.ndarray:
+    """``values`` as a float64 array ``(chain, draw)``, or a ``ValueError``."""
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 2:
         raise ValueError(f"values: expected shape (chain, draw), got {v.shape}")
-    return float(az.ess(v, method="bulk"))
+    return v
 
 
 def plot_ecdf_difference(u: np.ndarray, ax: Any) -> None:

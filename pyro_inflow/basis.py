@@ -27,6 +27,7 @@ def _signs(evecs: Tensor) -> Tensor:
     pivot = (mag >= SIGN_PIVOT * mag.amax(dim=0, keepdim=True)).int().argmax(dim=0)
     return torch.sign(evecs[pivot, torch.arange(evecs.shape[1])])
 
+
 def ledoit_wolf(xc: Tensor) -> float:
     """The Ledoit-Wolf (2004) shrinkage weight of centered samples ``xc (n, D)``.
 

@@ -22,6 +22,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyro
@@ -84,21 +85,31 @@ _NAMED = {"positive": {"type": "greater_than", "lower": 0.0},
 
 @dataclass(frozen=True)
 class _Site:
+    """One site of a layout; its bijection and sizes are built once (``unpack`` runs in the
+    model, at every step of a sampler)."""
+
     name: str
     shape: tuple[int, ...]
     support: dict
 
-    @property
+    @cached_property
     def transform(self) -> torch.distributions.Transform:
         return biject_to(_support_of(self.support))
 
-    @property
+    @cached_property
     def free_shape(self) -> tuple[int, ...]:
         return tuple(self.transform.inverse_shape(torch.Size(self.shape)))
 
-    @property
+    @cached_property
     def size(self) -> int:
         return math.prod(self.free_shape)
+
+
+def _first_bad(name: str, rows: Tensor, what: str) -> None:
+    """Raise naming the first row of ``rows (*batch, k)`` with a non-finite value."""
+    bad = ~torch.isfinite(rows).all(-1)
+    if bad.any():
+        raise ValueError(f"site {name!r}: draw {int(bad.flatten().nonzero()[0])} {what}")
 
 
 class SiteLayout:
@@ -147,8 +158,8 @@ class SiteLayout:
         """Constrained values ``{site: (*batch, *shape)}`` -> unconstrained ``(*batch, D)``.
 
         Raises:
-            ValueError: a missing site, a wrong shape, or a value outside its support
-                (named).
+            ValueError: a missing site, a wrong shape, a NaN or Inf, or a value outside its
+                support (named, with the first bad row).
         """
         parts = []
         for s in self.sites:
@@ -160,12 +171,10 @@ class SiteLayout:
             if tuple(v.shape[batch_ndims:]) != s.shape:
                 raise ValueError(f"site {s.name!r}: expected shape (*batch, {s.shape}), got "
                                  f"{tuple(v.shape)}")
+            _first_bad(s.name, v.reshape((*batch, -1)), "is NaN or Inf; drop the bad draws (a "
+                       "diverged chain?) before fitting")
             u = s.transform.inv(v).reshape((*batch, s.size))
-            bad = ~torch.isfinite(u).all(-1)
-            if bad.any():
-                row = int(bad.flatten().nonzero()[0])
-                raise ValueError(f"site {s.name!r}: draw {row} is outside its support "
-                                 f"{_support_of(s.support)} (or not finite)")
+            _first_bad(s.name, u, f"is outside its support {_support_of(s.support)}")
             parts.append(u)
         return torch.cat(parts, dim=-1)
 
@@ -263,20 +272,15 @@ def _by_chain(data: object, sites: Sequence[str] | None,
     chosen = {}
     for k in sites:
         v = arrays[k]
-        if v.dtype == torch.bool or not (v.is_floating_point() or v.is_complex()):
-            raise ValueError(f"site {k!r}: discrete draws ({v.dtype}) cannot be learned by a "
-                             f"flow; leave the site out with sites=[...]")
         if v.is_complex():
             raise ValueError(f"site {k!r}: complex draws are not supported")
+        if not v.is_floating_point():
+            raise ValueError(f"site {k!r}: discrete draws ({v.dtype}) cannot be learned by a "
+                             f"flow; leave the site out with sites=[...]")
         if v.dim() < 2:
             raise ValueError(f"site {k!r}: expected draws (draw, *shape), got shape "
                              f"{tuple(v.shape[1:])}")
-        if not torch.isfinite(v).all():
-            flat = ~torch.isfinite(v.reshape(-1, *v.shape[2:])).reshape(v.shape[0] * v.shape[1],
-                                                                          -1).all(-1)
-            raise ValueError(f"site {k!r}: draw {int(flat.nonzero()[0])} is NaN or Inf; drop "
-                             f"the bad draws (a diverged chain?) before fitting")
-        chosen[k] = v.to(torch.float64)
+        chosen[k] = v.to(torch.float64)  # NaN and support: checked as they are packed
     specs = {k: given.get(k, specs.get(k, {"type": "real"})) for k in sites}
     return chosen, specs
 
@@ -300,7 +304,8 @@ def as_draws(data: object, sites: Sequence[str] | None = None,
 
     Raises:
         ValueError: a missing, discrete, non-finite or out-of-support site (named), or
-            fewer draws than dimensions + 2.
+            fewer draws than dimensions + 2. Non-finite values and the support are checked on
+            the draws kept after ``thin``.
     """
     if not (isinstance(thin, int) and thin >= 1):
         raise ValueError(f"thin: expected a positive integer, got {thin!r}")
@@ -367,6 +372,6 @@ def sample_sites(name: str, flow: object, **prior_options: object) -> dict[str, 
                          "(flow.sites is None); use pyro.sample(name, flow.prior())")
     x = pyro.sample(name, flow.prior(**prior_options))
     values = layout.unpack(x)
-    for site, v in values.items():
-        pyro.deterministic(site, v, event_dim=len(layout.sites[layout.names.index(site)].shape))
+    for site in layout.sites:
+        pyro.deterministic(site.name, values[site.name], event_dim=len(site.shape))
     return values

@@ -273,3 +273,16 @@ def test_a_foreign_certificate_or_layout_is_refused_at_load(tmp_path, field, val
     flow.save(tmp_path / "f.flow")
     with pytest.raises(ValueError, match=f"corrupt pyro_inflow flow file .*{message}"):
         InflationaryFlow.load(tmp_path / "f.flow")
+
+
+def test_certificate_falls_back_to_dopri5_for_both_columns(monkeypatch):
+    """Where the prior's grid fails its error budget, held-out and training points are both
+    encoded with dopri5, and the certificate says so."""
+    from pyro_inflow.calibration import certificate
+
+    monkeypatch.setattr(certificate, "CERTIFICATE_SOLVER",
+                        {"method": "warped_rk4", "num_steps": 1, "rtol": 1e-30})
+    x = torch.randn(500, 2, dtype=torch.float64) * torch.tensor([2.0, 1.0])
+    cert = certificate.holdout_certificate(_gaussian_flow(), x, x)
+    assert cert["solver"]["method"] == "dopri5" and "too coarse" in cert["solver"]["note"]
+    assert len(cert["train_coverage"]) == len(cert["levels"])

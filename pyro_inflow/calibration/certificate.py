@@ -29,6 +29,8 @@ __all__ = ["holdout_certificate", "certificate_table", "warn_failed_certificate"
 
 #: The solver of the check: the prior's default grid (what inference will use).
 CERTIFICATE_SOLVER = {"method": "warped_rk4", "num_steps": 12}
+#: Where that grid's error estimate is over its tolerance for this flow: the adaptive solver.
+FALLBACK_SOLVER = {"method": "dopri5", "rtol": 1e-5}
 #: At most this many held-out (and training) points are encoded for the certificate.
 MAX_CERTIFICATE_POINTS = 10_000
 
@@ -43,10 +45,8 @@ def _coverage_of(flow: InflationaryFlow, x: torch.Tensor, seed: int,
         try:
             z = flow.encode(xn, **solver)
         except SolverError:
-            solver = {"method": "dopri5", "rtol": 1e-5,
-                      "note": "the prior's default grid (warped_rk4, 12 steps) is too coarse "
-                              "for this flow"}
-            z = flow.encode(xn, method="dopri5", rtol=1e-5)
+            solver = FALLBACK_SOLVER
+            z = flow.encode(xn, **solver)
     return latent_coverage(z, LEVELS), solver
 
 
@@ -75,7 +75,9 @@ def holdout_certificate(flow: InflationaryFlow, heldout: torch.Tensor,
     cert = {k: cov[k] for k in ("levels", "coverage", "stderr", "z", "max_abs_error", "ks",
                                 "ks_pvalue", "verdict", "n", "d")}
     cert["passed"] = cov["verdict"] == "calibrated"
-    cert["solver"] = solver
+    cert["solver"] = dict(solver) if solver is CERTIFICATE_SOLVER else {
+        **solver, "note": "the prior's default grid (warped_rk4, 12 steps) is too coarse for "
+                          "this flow"}
     if train is not None:
         train = flow.check_points(train, "train")[:len(heldout)]
         tr, _ = _coverage_of(flow, train, seed + 1, solver)
@@ -131,11 +133,13 @@ def certificate_summary(cert: dict) -> str:
 
 
 def warn_failed_certificate(flow: InflationaryFlow, where: str) -> None:
-    """Warn when ``flow``'s certificate failed: once per flow object and ``where`` (``"fit"``,
-    the prior's class name)."""
+    """Warn when ``flow``'s certificate failed: once per flow object and ``where`` (``"fit"``
+    or ``"prior"``; a model builds its prior at every call, so this stays cheap)."""
     cert = getattr(flow, "certificate", None)
+    if not cert or cert["passed"]:
+        return
     warned = flow.__dict__.setdefault("_certificate_warned", set())
-    if not cert or cert.get("passed", True) or where in warned:
+    if where in warned:
         return
     warned.add(where)
     worst = int(np.argmax(np.abs(cert["z"])))
