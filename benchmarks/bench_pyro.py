@@ -18,9 +18,10 @@
 
     python benchmarks/bench_pyro.py [--quick] [--gradients] [--latent-only]
 
-``--latent-only`` runs the latent-NUTS row of part 2 alone (with its quadrature) and writes
-benchmarks/results/pyro_latent.json. ``--gradients`` runs part 1 only, in float32 and
-float64 (a few minutes), and writes benchmarks/results/pyro_gradients.json. ``--quick``:
+``--latent-only`` runs the latent-NUTS row of part 2 alone (with its quadrature), its chains in
+worker processes (``latent_nuts``'s default) and then the same one after another in this
+process, and writes benchmarks/results/pyro_latent.json. ``--gradients`` runs part 1 only, in
+float32 and float64 (a few minutes), and writes benchmarks/results/pyro_gradients.json. ``--quick``:
 400 training steps, 1 timing round, a 61 x 61 quadrature, 2 chains x (100 + 100), 300 NeuTra
 steps, written to benchmarks/results/quick/.
 
@@ -33,6 +34,7 @@ Prints tables and writes benchmarks/results/pyro.json.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -155,9 +157,15 @@ def neutra_model(model, y, steps: int, seed: int = 0):
     return neutra, poutine.reparam(model, config=lambda _: neutra), time.perf_counter() - tic
 
 
+def _cpu() -> float:
+    t = os.times()  # this process and its finished (joined) worker processes
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def run_nuts(model, y, num_samples, warmup, chains, seed=0, latent=False,
-             neutra=None) -> dict:
+             neutra=None, parallel=None) -> dict:
     pyro.set_rng_seed(seed)
+    cpu = _cpu()
     tic = time.perf_counter()
     if neutra is not None:
         mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup,
@@ -168,7 +176,8 @@ def run_nuts(model, y, num_samples, warmup, chains, seed=0, latent=False,
         x = neutra.transform_sample(shared)["x"]
     elif latent:
         mcmc = pif.latent_nuts(model, y, num_samples=num_samples, warmup_steps=warmup,
-                               num_chains=chains, progress=False, seed=seed)
+                               num_chains=chains, progress=False, seed=seed,
+                               parallel=parallel)
         wall = time.perf_counter() - tic
         x = pif.posterior_samples(mcmc, group_by_chain=True)["x"]
     else:
@@ -177,6 +186,7 @@ def run_nuts(model, y, num_samples, warmup, chains, seed=0, latent=False,
         mcmc.run(y)
         wall = time.perf_counter() - tic
         x = mcmc.get_samples(group_by_chain=True)["x"]
+    cpu = _cpu() - cpu
     x = x.detach().double().numpy()  # (chain, draw, 2)
 
     def worst(fn):
@@ -188,7 +198,11 @@ def run_nuts(model, y, num_samples, warmup, chains, seed=0, latent=False,
                  for c in range(chains)]
     rhat = max(float(az.rhat(x[..., i])) for i in range(2))
     div = sum(len(v) for v in mcmc.diagnostics()["divergences"].values())
-    return {"wall_s": wall, "chains": chains, "ess_bulk": ess_bulk, "ess_tail": ess_tail,
+    processes = (1 if not latent or parallel is False or chains < 2
+                 else min(chains, pif.inference._cores()))
+    return {"wall_s": wall, "cpu_s": cpu, "processes": processes, "chains": chains,
+            "ess_bulk": ess_bulk, "ess_tail": ess_tail,
+            "ess_bulk_per_cpu_s": ess_bulk / cpu,
             "ess_bulk_per_s": ess_bulk / wall, "ess_tail_per_s": ess_tail / wall,
             "ess_bulk_single_chain_mean": sum(per_chain) / chains,
             "ess_bulk_single_chain_per_s": sum(per_chain) / wall, "rhat_max": rhat,
@@ -199,9 +213,14 @@ def run_nuts(model, y, num_samples, warmup, chains, seed=0, latent=False,
 
 def latent_only(flow, data, n_samp: int, chains: int, steps: int, train_s: float,
                 quick: bool) -> None:
-    """Latent NUTS on our prior alone, with the quadrature truth (``--latent-only``)."""
+    """Latent NUTS on our prior alone, with the quadrature truth (``--latent-only``): the
+    chains in worker processes (``latent_nuts``'s default), then one after another in this
+    process (the same chains: each seeds ``seed + chain`` in a worker; the sequential run
+    draws them from one stream, so its draws differ)."""
     y = torch.tensor(Y_OBS)
     ours = run_nuts(moons_model(flow.prior()), y, n_samp, n_samp, chains, latent=True)
+    sequential = run_nuts(moons_model(flow.prior()), y, n_samp, n_samp, chains, latent=True,
+                          parallel=False)
     lo, hi = (data.amin(0) - 0.5).tolist(), (data.amax(0) + 0.5).tolist()
     ours["truth_frac_x0_gt_0"] = quadrature_right_moon(
         lambda c: flow.log_prob(c.to(flow.dtype)).double(), lo, hi, n=61 if quick else 241)
@@ -211,11 +230,17 @@ def latent_only(flow, data, n_samp: int, chains: int, steps: int, train_s: float
           f"({ours['ess_tail_per_s']:.2f}/s), R-hat {ours['rhat_max']:.3f}, divergences "
           f"{ours['divergences']}, P(x0>0) {ours['frac_x0_gt_0']:.3f} (per chain "
           + " ".join(f"{v:.2f}" for v in ours["frac_x0_gt_0_per_chain"])
-          + f"), quadrature {ours['truth_frac_x0_gt_0']:.3f}")
+          + f"), quadrature {ours['truth_frac_x0_gt_0']:.3f}; {ours['processes']} worker "
+          f"processes, {ours['cpu_s']:.0f} CPU s")
+    print(f"the same, chains one after another in this process: {sequential['wall_s']:.1f} s, "
+          f"ESS bulk {sequential['ess_bulk']:.0f} ({sequential['ess_bulk_per_s']:.2f}/s), "
+          f"R-hat {sequential['rhat_max']:.3f}, divergences {sequential['divergences']}, "
+          f"P(x0>0) {sequential['frac_x0_gt_0']:.3f}, {sequential['cpu_s']:.0f} CPU s")
     write_results("pyro_latent", {"settings": {"train_steps": steps, "num_samples": n_samp,
                                                "warmup": n_samp, "chains": chains,
                                                "y": Y_OBS, "noise": NOISE},
-                                  "train_s": train_s, "ours": ours}, quick)
+                                  "train_s": train_s, "ours": ours,
+                                  "ours_sequential": sequential}, quick)
 
 
 def main() -> None:

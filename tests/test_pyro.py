@@ -268,6 +268,72 @@ def test_plates_chains_and_predictive():
     assert draws["x"].shape == (5, 3, 2)
 
 
+def _plate_model():
+    flow = InflationaryFlow.from_gaussian_mixture(torch.ones(1), M3[None, :2], S3[None, :2, :2])
+    prior = exact_prior(flow)
+
+    def model(y):
+        with pyro.plate("items", 3):
+            x = pyro.sample("x", prior)
+            pyro.sample("y", dist.Normal(x.sum(-1), 0.5), obs=y)
+
+    return model, torch.tensor([0.2, -1.0, 1.5])
+
+
+def test_parallel_chains_are_the_single_chains_of_their_seeds(monkeypatch):
+    """Chains in worker processes: chain c is the one-chain run seeded seed + c, whatever the
+    number of worker processes, with its own statistics; the data-space sites come back."""
+    from pyro_inflow import inference
+
+    model, y = _plate_model()
+    kw = {"num_samples": 8, "warmup_steps": 8, "progress": False, "max_tree_depth": 3}
+    par = pif.latent_nuts(model, y, num_chains=3, seed=4, parallel=True, **kw)
+    assert isinstance(par.sampler, inference._ChainProcesses)
+    grouped = par.get_samples(group_by_chain=True)
+    assert grouped["x_base"].shape == (3, 8, 3, 2) and grouped["x"].shape == (3, 8, 3, 2)
+    for c in range(3):
+        one = pif.latent_nuts(model, y, num_chains=1, seed=4 + c, parallel=False, **kw)
+        assert torch.equal(grouped["x_base"][c], one.get_samples()["x_base"])
+        assert par.diagnostics()["n_steps"][f"chain {c}"] == one.diagnostics()["n_steps"][
+            "chain 0"]
+    monkeypatch.setattr(inference, "_cores", lambda: 1)  # one worker runs the three chains
+    again = pif.latent_nuts(model, y, num_chains=3, seed=4, parallel=True, **kw)
+    assert torch.equal(again.get_samples()["x_base"], par.get_samples()["x_base"])
+    # one core: the default runs the chains in this process
+    assert not inference._use_processes(3, None) and inference._use_processes(3, True)
+    assert not inference._use_processes(1, True)
+
+
+def test_parallel_chains_report_errors_and_dead_workers(monkeypatch):
+    import os
+
+    from pyro_inflow import inference
+
+    model, y = _plate_model()
+    parent = os.getpid()
+
+    def failing(y):
+        model(y)
+        if os.getpid() != parent:
+            raise ValueError("bad data in a chain")
+
+    def dying(y):
+        if os.getpid() != parent:
+            os._exit(3)
+        model(y)
+
+    kw = {"num_samples": 4, "warmup_steps": 4, "num_chains": 2, "progress": False,
+          "parallel": True, "max_tree_depth": 3}
+    with pytest.raises(ValueError, match="bad data in a chain"):
+        pif.latent_nuts(failing, y, **kw)
+    with pytest.raises(RuntimeError, match="worker process died .exit code 3.*parallel=False"):
+        pif.latent_nuts(dying, y, **kw)
+    monkeypatch.setattr(inference.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    with pytest.raises(ValueError, match="cannot fork.*parallel=False"):
+        pif.latent_nuts(model, y, **kw)
+    assert not inference._use_processes(2, None)
+
+
 def test_prr_prior_with_nuts_stays_on_the_manifold():
     flow = mixture_flow(D=3, K=2, seed=5, schedule="prr", dims_to_keep=2)
 
