@@ -109,8 +109,10 @@ class FlowReparam(TransformReparam):
         for layer in reversed(layers):
             base = (base.mask(layer._mask) if isinstance(layer, dist.MaskedDistribution)
                     else base.to_event(layer.reinterpreted_batch_ndims))
+        # the transform rides on the latent site, for sampler_geometry's look at the decode
         value_base = pyro.sample(f"{name}_base", base, obs=value_base,
-                                 infer={"is_observed": msg["is_observed"]})
+                                 infer={"is_observed": msg["is_observed"],
+                                        "flow_transform": transform})
         if value is None:
             value = transform(value_base)
         delta = dist.Delta(value, event_dim=msg["fn"].event_dim).mask(False)
@@ -168,6 +170,7 @@ class RecordingNUTS(NUTS):
     def setup(self, warmup_steps: int, *args: object, **kwargs: object) -> None:
         """Reset the recorded statistics, then Pyro's ``NUTS.setup``."""
         self._stats = {k: [] for k in self.STATS}
+        self._divergent_at: list[dict[str, torch.Tensor]] = []
         super().setup(warmup_steps, *args, **kwargs)
 
     def _build_tree(self, z: dict[str, torch.Tensor], r: dict[str, torch.Tensor],
@@ -180,24 +183,32 @@ class RecordingNUTS(NUTS):
 
     def _build_basetree(self, *args: object, **kwargs: object) -> _TreeInfo:
         self._leapfrogs += 1
-        return super()._build_basetree(*args, **kwargs)
+        tree = super()._build_basetree(*args, **kwargs)
+        if tree.diverging and self._diverged_at is None:
+            self._diverged_at = {k: v.detach().clone() for k, v in tree.z_proposal.items()}
+        return tree
 
     def sample(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One NUTS draw, recording its statistics after warm-up."""
-        self._depth, self._leapfrogs = -1, 0
+        self._depth, self._leapfrogs, self._diverged_at = -1, 0, None
         divergences = len(self._divergences)
         params = super().sample(params)
         if self._t > self._warmup_steps:
-            self._stats["diverging"].append(len(self._divergences) > divergences)
+            diverging = len(self._divergences) > divergences
+            self._stats["diverging"].append(diverging)
             self._stats["tree_depth"].append(self._depth + 1)
             self._stats["n_steps"].append(self._leapfrogs)
             self._stats["step_size"].append(float(self.step_size))
             self._stats["lp"].append(-float(self._potential_energy_last))
+            if diverging and self._diverged_at is not None:
+                self._divergent_at.append(self._diverged_at)
         return params
 
     def diagnostics(self) -> dict:
-        """Pyro's NUTS diagnostics plus the recorded per-draw statistics (lists)."""
-        return {**super().diagnostics(), **self._stats}
+        """Pyro's NUTS diagnostics, the recorded per-draw statistics (lists), and
+        ``divergent_at``: for each divergent draw, where its diverging leapfrog step ended
+        (``{site: unconstrained value}``), which :func:`sampler_geometry` reads."""
+        return {**super().diagnostics(), **self._stats, "divergent_at": self._divergent_at}
 
 
 class LatentMCMC(MCMC):
@@ -407,6 +418,11 @@ def _one_thread() -> Iterator[None]:
 #: limit, or where more than this share of draws diverged.
 STEP_RATIO, DEPTH_SHARE, DIVERGENCE_SHARE = 0.25, 0.1, 0.01
 
+#: :func:`sampler_geometry` says that divergences sit on a seam when the decode stretches this
+#: many times more where the diverging steps end than at the draws (medians); it looks at flow
+#: sites of data dimension up to ``SEAM_MAX_DIM`` (one backward pass per data dimension).
+SEAM_RATIO, SEAM_MAX_DIM = 10.0, 16
+
 
 def sampler_geometry(mcmc: MCMC) -> dict:
     """Whether the geometry of the latent posterior limited NUTS, from what
@@ -421,7 +437,12 @@ def sampler_geometry(mcmc: MCMC) -> dict:
         ``{"step_size": [per chain], "leapfrogs_per_draw": [per chain mean],
         "at_depth_limit": share of draws, "divergences": count, "divergent_radius": mean
         latent radius ``|z|`` of the divergent draws (``None`` without any), "radius": mean
-        latent radius of all draws, "limited": bool, "message": str}``.
+        latent radius of all draws, "seams": [{"site", "at_divergences", "at_draws"}] (the
+        decode's stretch, its largest singular value, where the diverging leapfrog steps
+        ended and at the draws, medians; for flow sites of up to ``SEAM_MAX_DIM`` data
+        dimensions), "limited": bool, "message": str}``. When the divergent steps end where
+        the decode stretches over ``SEAM_RATIO`` times more than at the draws, the message
+        says they sit on a seam.
 
     Raises:
         TypeError: ``mcmc`` was not run with a :class:`RecordingNUTS` kernel.
@@ -443,6 +464,7 @@ def sampler_geometry(mcmc: MCMC) -> dict:
     divergent = int(flags.sum()) if flags.numel() else 0
     div_radius = (float(radius[flags].mean()) if radius is not None and divergent
                   and radius.shape[0] == flags.shape[0] else None)
+    seams = _seams(mcmc, chains, diag, samples) if divergent else []
     problems = []
     if steps and min(steps) < STEP_RATIO * max(steps):
         problems.append(f"the chains adapted step sizes from {min(steps):.3g} to "
@@ -453,16 +475,67 @@ def sampler_geometry(mcmc: MCMC) -> dict:
         where = (f" (mean latent radius {div_radius:.2f} against {float(radius.mean()):.2f} "
                  f"for all draws)" if div_radius is not None else "")
         problems.append(f"{divergent} of {flags.numel()} draws diverged{where}")
+    on_seam = [r for r in seams if r["at_divergences"] > SEAM_RATIO * r["at_draws"]]
+    if flags.numel() and divergent > DIVERGENCE_SHARE * flags.numel() and on_seam:
+        problems.append("the divergent steps end where the decode stretches far more than at "
+                        "the draws (" + ", ".join(
+                            f"'{r['site']}': {r['at_divergences']:.0f}x against "
+                            f"{r['at_draws']:.1f}x, medians" for r in on_seam)
+                        + "): on a seam between modes of the prior's data, a cliff in the "
+                        "posterior that no step size integrates, so a smaller step only "
+                        "lengthens every trajectory")
+    advice = ("No step size or mass matrix removes divergences on a seam (benchmarks/"
+              "README.md, the hierarchical model): the chains under-explore the posterior "
+              "next to it, so check how much of the posterior lies there" if on_seam else
+              "A flow is steep on the seams between modes of its data; try more warm-up "
+              "(warmup_steps), target_accept_prob=0.9 against divergences, full_mass=True "
+              "(latent_nuts's default), or start from an SVI fit (init_to_value with the "
+              "data-space site's values)")
     message = ("NUTS in the latent was limited by the posterior's geometry: "
-               + "; ".join(problems) + ". A flow is steep on the seams between modes of its "
-               "data; try more warm-up (warmup_steps), target_accept_prob=0.9 against "
-               "divergences, full_mass=True (latent_nuts's default), or start from an SVI fit "
-               "(init_to_value with the data-space site's values)") if problems else (
+               + "; ".join(problems) + ". " + advice) if problems else (
                "no sign that the posterior's geometry limited NUTS")
     return {"step_size": steps, "leapfrogs_per_draw": leaps, "at_depth_limit": at_limit,
             "divergences": divergent, "divergent_radius": div_radius,
             "radius": float(radius.mean()) if radius is not None else None,
-            "limited": bool(problems), "message": message}
+            "seams": seams, "limited": bool(problems), "message": message}
+
+
+def _seams(mcmc: MCMC, chains: list[str], diag: dict, samples: dict) -> list[dict]:
+    """For each flow site (data dimension at most ``SEAM_MAX_DIM``): the median over divergent
+    draws of the decode's stretch (largest singular value of ``dx/dz``, the largest over the
+    site's plate entries) where the diverging leapfrog step ended, and the same median over
+    up to 256 draws."""
+    ends = [e for c in chains for e in diag.get("divergent_at", {}).get(c, [])]
+    if not ends or mcmc._args is None:
+        return []
+    with torch.no_grad():
+        trace = poutine.trace(mcmc.kernel.model).get_trace(*mcmc._args, **mcmc._kwargs)
+    found = []
+    for name, site in trace.nodes.items():
+        transform = site.get("infer", {}).get("flow_transform") if site["type"] == "sample" \
+            else None
+        if (transform is None or name not in samples or transform.flow.dim > SEAM_MAX_DIM
+                or any(name not in e for e in ends)):
+            continue
+        draws = samples[name]
+        draws = draws[torch.linspace(0, draws.shape[0] - 1, min(256, draws.shape[0])).long()]
+        found.append({"site": name.removesuffix("_base"),
+                      "at_divergences": float(_stretch(transform, torch.stack(
+                          [e[name] for e in ends])).median()),
+                      "at_draws": float(_stretch(transform, draws).median())})
+    return found
+
+
+def _stretch(transform: torch.distributions.Transform, z: torch.Tensor) -> torch.Tensor:
+    """The decode's largest singular value at latent points ``z`` ``(n, *batch, d)``, the
+    largest over ``batch``: ``(n,)``."""
+    z = z.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        x = transform(z)
+        rows = [torch.autograd.grad(x[..., i].sum(), z, retain_graph=i + 1 < x.shape[-1])[0]
+                for i in range(x.shape[-1])]
+    norms = torch.linalg.matrix_norm(torch.stack(rows, -2), ord=2)  # (n, *batch)
+    return norms.reshape(norms.shape[0], -1).amax(-1)
 
 
 @dataclass

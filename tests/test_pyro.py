@@ -199,6 +199,63 @@ def test_sampler_geometry_flags_a_run_its_tree_depth_limited():
         pif.inference.sampler_geometry(object())
 
 
+def test_the_decode_stretch_where_divergences_end_is_measured_and_a_tight_likelihood_is_no_seam():
+    from pyro_inflow.inference import RecordingNUTS, _stretch
+
+    flow = gaussian_flow()
+    prior = exact_prior(flow)
+    # an exact Gaussian flow decodes affinely: its stretch is one matrix's spectral norm
+    z0 = torch.zeros(1, 3, requires_grad=True)
+    x0 = prior.transforms[0](z0)
+    jac = torch.stack([torch.autograd.grad(x0[0, i], z0, retain_graph=True)[0][0]
+                       for i in range(3)])
+    expected = torch.linalg.matrix_norm(jac, ord=2)
+    got = _stretch(prior.transforms[0], torch.randn(5, 4, 3, dtype=F64))
+    assert got.shape == (5,) and torch.allclose(got, expected.expand(5))
+
+    def tight(y):
+        x = pyro.sample("x", prior)
+        pyro.sample("y", dist.Normal(x.sum(-1), 1e-3), obs=y)
+
+    # steps far too long for the likelihood: every draw diverges, but nowhere near a seam
+    kernel = RecordingNUTS(pif.reparam_flow_priors(tight), step_size=3.0,
+                           adapt_step_size=False, max_tree_depth=3)
+    mcmc = pyro.infer.MCMC(kernel, num_samples=6, warmup_steps=0, disable_progbar=True)
+    mcmc.run(torch.tensor(0.5, dtype=F64))
+    report = pif.inference.sampler_geometry(mcmc)
+    assert report["divergences"] == 6 and report["limited"]
+    (seam,) = report["seams"]
+    assert seam["site"] == "x" and seam["at_divergences"] == pytest.approx(
+        seam["at_draws"]) == pytest.approx(float(expected))
+    assert "seam between modes" not in report["message"]
+
+
+def test_divergences_that_end_on_a_seam_are_called_so():
+    from pyro_inflow.inference import RecordingNUTS
+
+    means = torch.tensor([[-1.2, 0.8], [1.2, -0.8]], dtype=F64)
+    flow = InflationaryFlow.from_gaussian_mixture(
+        torch.tensor([0.5, 0.5], dtype=F64), means, 0.2 * torch.eye(2, dtype=F64).expand(2, 2, 2))
+
+    def model(y):
+        x = pyro.sample("x", flow.prior())
+        pyro.sample("y", dist.Normal(x.sum(-1), 0.3), obs=y)
+
+    kernel = RecordingNUTS(pif.reparam_flow_priors(model), step_size=0.1,
+                           adapt_step_size=False, max_tree_depth=2)
+    mcmc = pyro.infer.MCMC(kernel, num_samples=5, warmup_steps=0, disable_progbar=True)
+    mcmc.run(torch.tensor(0.5, dtype=F64))
+    # a diverging step that ended at the latent origin: this symmetric two-mode flow decodes
+    # it to the middle of the gap between its modes, the seam (stretch 78x, draws about 0.6x)
+    mcmc._diagnostics[0]["diverging"] = [True, False, False, False, False]
+    mcmc._diagnostics[0]["divergent_at"] = [{"x_base": torch.zeros(2, dtype=F64)}]
+    report = pif.inference.sampler_geometry(mcmc)
+    (seam,) = report["seams"]
+    assert seam["at_divergences"] > 10 * seam["at_draws"]
+    assert "on a seam between modes" in report["message"]
+    assert "No step size or mass matrix" in report["message"]
+
+
 def _ess(values):
     import arviz as az
 
