@@ -508,21 +508,35 @@ def _seams(mcmc: MCMC, chains: list[str], diag: dict, samples: dict) -> list[dic
     ends = [e for c in chains for e in diag.get("divergent_at", {}).get(c, [])]
     if not ends or mcmc._args is None:
         return []
-    with torch.no_grad():
-        trace = poutine.trace(mcmc.kernel.model).get_trace(*mcmc._args, **mcmc._kwargs)
-    found = []
-    for name, site in trace.nodes.items():
-        transform = site.get("infer", {}).get("flow_transform") if site["type"] == "sample" \
-            else None
-        if (transform is None or name not in samples or transform.flow.dim > SEAM_MAX_DIM
-                or any(name not in e for e in ends)):
-            continue
-        draws = samples[name]
-        draws = draws[torch.linspace(0, draws.shape[0] - 1, min(256, draws.shape[0])).long()]
-        found.append({"site": name.removesuffix("_base"),
-                      "at_divergences": float(_stretch(transform, torch.stack(
-                          [e[name] for e in ends])).median()),
-                      "at_draws": float(_stretch(transform, draws).median())})
+    # a best-effort look after the run: it leaves the RNG, and the user, alone when it fails
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.no_grad():
+                trace = poutine.trace(mcmc.kernel.model).get_trace(*mcmc._args,
+                                                                   **mcmc._kwargs)
+        except Exception:  # noqa: BLE001 (a model that needs more than its run's arguments)
+            return []
+        found = []
+        for name, site in trace.nodes.items():
+            transform = (site["infer"].get("flow_transform") if site["type"] == "sample"
+                         else None)
+            if (transform is None or name not in samples
+                    or transform.flow.dim > SEAM_MAX_DIM):
+                continue
+            at = [e[name] for e in ends if name in e and torch.isfinite(e[name]).all()]
+            draws = samples[name]
+            draws = draws[torch.linspace(0, draws.shape[0] - 1,
+                                         min(256, draws.shape[0])).long()]
+            try:
+                at_ends = _stretch(transform, torch.stack(at)) if at else None
+                at_draws = _stretch(transform, draws)
+            except (RuntimeError, ValueError):  # a decode that fails out there: no verdict
+                continue
+            if at_ends is not None and torch.isfinite(at_ends).any():
+                found.append({"site": name.removesuffix("_base"),
+                              "at_divergences": float(at_ends.nanmedian()),
+                              "at_draws": float(at_draws.nanmedian())})
     return found
 
 

@@ -247,8 +247,10 @@ def test_divergences_that_end_on_a_seam_are_called_so():
     mcmc.run(torch.tensor(0.5, dtype=F64))
     # a diverging step that ended at the latent origin: this symmetric two-mode flow decodes
     # it to the middle of the gap between its modes, the seam (stretch 78x, draws about 0.6x)
-    mcmc._diagnostics[0]["diverging"] = [True, False, False, False, False]
-    mcmc._diagnostics[0]["divergent_at"] = [{"x_base": torch.zeros(2, dtype=F64)}]
+    # (and one that ended out of range, at inf: left out of the median, no error)
+    mcmc._diagnostics[0]["diverging"] = [True, True, False, False, False]
+    mcmc._diagnostics[0]["divergent_at"] = [{"x_base": torch.zeros(2, dtype=F64)},
+                                            {"x_base": torch.full((2,), math.inf)}]
     report = pif.inference.sampler_geometry(mcmc)
     (seam,) = report["seams"]
     assert seam["at_divergences"] > 10 * seam["at_draws"]
@@ -302,7 +304,8 @@ def test_latent_svi_full_rank_matches_and_mean_field_is_overconfident():
     assert ((x_mf.mean(0) - mean).abs() / sd).max() < 0.3
 
 
-def test_plates_chains_and_predictive():
+def _plate_model():
+    """Three items in a plate, each a 2-D exact Gaussian flow prior: ``(model, y, prior)``."""
     flow = InflationaryFlow.from_gaussian_mixture(torch.ones(1), M3[None, :2], S3[None, :2, :2])
     prior = exact_prior(flow)
 
@@ -311,7 +314,11 @@ def test_plates_chains_and_predictive():
             x = pyro.sample("x", prior)
             pyro.sample("y", dist.Normal(x.sum(-1), 0.5), obs=y)
 
-    y = torch.tensor([0.2, -1.0, 1.5])
+    return model, torch.tensor([0.2, -1.0, 1.5]), prior
+
+
+def test_plates_chains_and_predictive():
+    model, y, prior = _plate_model()
     mcmc = pif.latent_nuts(model, y, num_samples=20, warmup_steps=20, num_chains=2,
                            progress=False)
     assert mcmc.get_samples()["x_base"].shape == (40, 3, 2)
@@ -325,24 +332,12 @@ def test_plates_chains_and_predictive():
     assert draws["x"].shape == (5, 3, 2)
 
 
-def _plate_model():
-    flow = InflationaryFlow.from_gaussian_mixture(torch.ones(1), M3[None, :2], S3[None, :2, :2])
-    prior = exact_prior(flow)
-
-    def model(y):
-        with pyro.plate("items", 3):
-            x = pyro.sample("x", prior)
-            pyro.sample("y", dist.Normal(x.sum(-1), 0.5), obs=y)
-
-    return model, torch.tensor([0.2, -1.0, 1.5])
-
-
 def test_parallel_chains_are_the_single_chains_of_their_seeds(monkeypatch):
     """Chains in worker processes: chain c is the one-chain run seeded seed + c, whatever the
     number of worker processes, with its own statistics; the data-space sites come back."""
     from pyro_inflow import inference
 
-    model, y = _plate_model()
+    model, y, _ = _plate_model()
     kw = {"num_samples": 8, "warmup_steps": 8, "progress": False, "max_tree_depth": 3}
     par = pif.latent_nuts(model, y, num_chains=3, seed=4, parallel=True, **kw)
     assert isinstance(par.sampler, inference._ChainProcesses)
@@ -366,7 +361,7 @@ def test_parallel_chains_report_errors_and_dead_workers(monkeypatch):
 
     from pyro_inflow import inference
 
-    model, y = _plate_model()
+    model, y, _ = _plate_model()
     parent = os.getpid()
 
     def failing(y):
