@@ -67,7 +67,8 @@ def stretch(flow, z: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
 def geometry(flow, t: torch.Tensor, y: torch.Tensor, x_true: torch.Tensor, quick: bool) -> dict:
     """Where the step size collapses (``--geometry``): each group's latent posterior (sigma
     fixed at its true 0.3) on a grid, the decode's stretch there, and NUTS on that group alone
-    (2 chains of 300 + 300): step size, leapfrog steps per draw, share of divergent draws."""
+    (2 chains of 300 + 300): step size, leapfrog steps per draw, share of divergent draws, and
+    (``sampler_geometry``) the decode's stretch where the diverging steps ended."""
     n = 81 if quick else 241
     g = torch.linspace(-4, 4, n)
     z = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
@@ -92,7 +93,10 @@ def geometry(flow, t: torch.Tensor, y: torch.Tensor, x_true: torch.Tensor, quick
             mcmc = pif.latent_nuts(one, num_samples=draws, num_chains=2, seed=k,
                                    progress=False)
         geo = pif.inference.sampler_geometry(mcmc)
+        seam = geo["seams"][0] if geo["seams"] else {}
         rows.append({"group": k, "x_true": x_true[k].tolist(),
+                     "stretch_where_divergent_steps_end": seam.get("at_divergences"),
+                     "stretch_at_draws": seam.get("at_draws"),
                      "posterior_mass_stretch_over_10": float(post[s > 10].sum()),
                      "posterior_mean_stretch": float((post * s).sum()),
                      "step_size": geo["step_size"], "leapfrogs_per_draw":
@@ -123,12 +127,15 @@ def geometry(flow, t: torch.Tensor, y: torch.Tensor, x_true: torch.Tensor, quick
     fig.savefig(path, dpi=100)
     print(f"\nper group alone (sigma = 0.3, 2 chains x {draws} + {draws}): "
           "posterior mass where the decode stretches > 10x, step sizes, leapfrogs per draw, "
-          "divergent share")
+          "divergent share, the decode's stretch where the diverging steps ended and at the "
+          "draws (medians)")
     for r in rows:
+        ends = r["stretch_where_divergent_steps_end"]
         print(f"group {r['group']}: {r['posterior_mass_stretch_over_10']:.3f}  steps "
               + ", ".join(f"{v:.2f}" for v in r["step_size"]) + "  leapfrogs "
               + ", ".join(f"{v:.1f}" for v in r["leapfrogs_per_draw"])
-              + f"  divergent {r['divergent_share']:.1%}")
+              + f"  divergent {r['divergent_share']:.1%}"
+              + (f"  stretch {ends:.3g}x vs {r['stretch_at_draws']:.3g}x" if ends else ""))
     print(f"wrote {path}")
     return {"groups": rows, "figure": path.name}
 
