@@ -52,16 +52,10 @@ def make_model(prior, t: torch.Tensor):
 
 
 def stretch(flow, z: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Largest singular value of the decode's Jacobian ``dx/dz`` at latent points ``(n, 2)``."""
-    rows = []
-    for c in z.split(chunk):
-        c = c.clone().requires_grad_(True)
-        with torch.enable_grad():
-            x = flow.decode(c, method="warped_rk4", num_steps=12, rtol=1e9)
-            jac = torch.stack([torch.autograd.grad(x[:, i].sum(), c, retain_graph=i == 0)[0]
-                               for i in range(2)], 1)
-        rows.append(torch.linalg.svdvals(jac)[:, 0])
-    return torch.cat(rows)
+    """Largest singular value of the prior's decode Jacobian ``dx/dz`` at latent points
+    ``(n, 2)`` (``sampler_geometry``'s measure), ``chunk`` points at a time."""
+    transform = flow.prior().transforms[0]
+    return torch.cat([pif.inference._stretch(transform, c) for c in z.split(chunk)])
 
 
 def geometry(flow, t: torch.Tensor, y: torch.Tensor, x_true: torch.Tensor, quick: bool) -> dict:

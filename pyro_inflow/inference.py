@@ -298,6 +298,8 @@ def latent_nuts(
                     warmup_steps=num_samples if warmup_steps is None else warmup_steps,
                     num_chains=num_chains, disable_progbar=not progress)
     if _use_processes(num_chains, parallel):
+        if isinstance(mcmc.sampler, _MultiSampler):  # Pyro's own (a core per chain spare)
+            mcmc.sampler.terminate()  # stops the logging thread it started
         mcmc.sampler = _ChainProcesses(kernel, mcmc.num_samples, mcmc.warmup_steps, num_chains,
                                        "fork", not progress)
         with _one_thread():  # forked workers inherit it: no two thread pools per core
