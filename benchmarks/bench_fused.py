@@ -19,10 +19,18 @@ the cost, is the same), 1 torch thread, every timing round-robin in one process:
    without a gradient, kernel (one thread, as it always is) against the PyTorch path at torch's
    default thread count.
 
-    python benchmarks/bench_fused.py [--quick]
+``--log-density`` runs instead:
 
-Prints three tables and writes benchmarks/results/fused.json (``--quick``:
-benchmarks/results/quick/fused.json).
+4. **The data-space log-density + its gradient** (``flow.log_prob`` with the exact trace on the
+   same grid, what ``latent_nuts(..., centered=True)`` and ``NUTS`` on the model itself pay) of
+   1 and 8 points, kernel against PyTorch path; and the time per HMC leapfrog step of model (b)
+   sampled in data space (kernel, PyTorch path) against the same model in the latent (kernel)
+   and with the ``MultivariateNormal`` prior.
+
+    python benchmarks/bench_fused.py [--quick] [--log-density]
+
+Prints three tables and writes benchmarks/results/fused.json (``--log-density``: one table and
+fused_logdensity.json; ``--quick``: under benchmarks/results/quick/).
 """
 
 from __future__ import annotations
@@ -129,6 +137,49 @@ def leapfrog_table(flow, data: torch.Tensor, rounds: int, draws: int) -> list[di
     return rows
 
 
+def log_density_table(flow, data: torch.Tensor, repeats: int, rounds: int, draws: int
+                      ) -> dict:
+    """Table 4: the log-density and its gradient, and a data-space leapfrog step of (b)."""
+    rows = []
+    for dtype in (torch.float32, torch.float64):
+        f = flow if dtype == torch.float32 else copy.deepcopy(flow).double()
+        for batch in (1, 8):
+            x = f.sample(batch, generator=torch.Generator().manual_seed(0))
+
+            def run(use: bool, f=f, x=x) -> None:
+                xx = x.clone().requires_grad_(True)
+                with fused.use_kernel(use):
+                    (g,) = torch.autograd.grad(f.log_prob(xx, trace="exact", **GRID).sum(), xx)
+
+            tk, tp = median_times([lambda: run(True), lambda: run(False)], repeats)
+            rows.append({"dtype": str(dtype).split(".")[-1], "points": batch,
+                         "kernel_ms": 1e3 * tk, "pytorch_ms": 1e3 * tp, "speedup": tp / tk})
+    mvn = dist.MultivariateNormal(data.mean(0), torch.cov(data.T))
+    t = torch.linspace(-1, 1, 5)
+    y8 = torch.randn(5, 8, generator=torch.Generator().manual_seed(2))
+    models = {"data space": (plate_model(flow.prior(), t, y8), True),
+              "data space, PyTorch": (plate_model(flow.prior(), t, y8), False),
+              "latent": (pif.reparam_flow_priors(plate_model(flow.prior(), t, y8)), True),
+              "MVN": (plate_model(mvn, t, y8), True)}
+
+    def per_step(model, use: bool) -> float:
+        pyro.set_rng_seed(0)
+        kernel = HMC(model, step_size=0.02, num_steps=10, adapt_step_size=False,
+                     adapt_mass_matrix=False)
+        mcmc = MCMC(kernel, num_samples=draws, warmup_steps=0, disable_progbar=True)
+        with fused.use_kernel(use):
+            tic = time.perf_counter()
+            mcmc.run()
+            return (time.perf_counter() - tic) / (10 * draws)
+
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for name, (model, use) in models.items():
+            times[name].append(per_step(model, use))
+    step = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"gradients": rows, "leapfrog_ms": step}
+
+
 def batch_table(flow, threads: int, repeats: int, sizes: tuple[int, ...]) -> list[dict]:
     rows = []
     limit, fused.MAX_BATCH = fused.MAX_BATCH, 10**9  # the kernel at every size, for the curve
@@ -154,7 +205,10 @@ def batch_table(flow, threads: int, repeats: int, sizes: tuple[int, ...]) -> lis
 
 
 def main() -> None:
-    a = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--log-density", action="store_true", help="only table 4: the data-space "
+                   "log-density and its gradient")
+    a = p.parse_args()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -165,6 +219,21 @@ def main() -> None:
     tic = time.perf_counter()
     flow = pif.InflationaryFlow.fit(data, steps=steps, progress=False).requires_grad_(False)
     print(f"trained moons flow: {steps} steps, {time.perf_counter() - tic:.0f} s")
+    if a.log_density:
+        out = log_density_table(flow, data, repeats, rounds, draws)
+        print("\n4. log-density + gradient, 12-step warped_rk4, exact trace (1 thread; "
+              "median ms)")
+        print(f"{'dtype':>8}{'points':>7}{'kernel':>9}{'PyTorch':>9}{'ratio':>7}")
+        for r in out["gradients"]:
+            print(f"{r['dtype']:>8}{r['points']:>7}{r['kernel_ms']:>9.2f}"
+                  f"{r['pytorch_ms']:>9.2f}{r['speedup']:>7.1f}")
+        print(f"   HMC time per leapfrog step of (b), 8 groups (median ms; 10 steps x {draws} "
+              f"draws, {rounds} rounds):")
+        for name, ms in out["leapfrog_ms"].items():
+            print(f"   {name:>20}: {ms:7.2f}  ({ms / out['leapfrog_ms']['MVN']:.1f}x MVN)")
+        write_results("fused_logdensity", {"kernel": info, "train_steps": steps, **out},
+                      a.quick)
+        return
 
     grads = gradient_table(flow, repeats)
     print("\n1. one decode + backward, 12-step warped_rk4 (1 thread; median ms)")

@@ -88,11 +88,14 @@ class AugmentedField(nn.Module):
         field: the pfODE.
         probes: ``(P, *, D)`` from :func:`probes`, fixed for the whole solve.
         weight: the weight of their sum.
+        exact: the probes are the ``D`` basis vectors with weight 1 (the exact trace), which
+            the compiled kernel computes itself (:mod:`pyro_inflow.solvers.fused`).
     """
 
-    def __init__(self, field: PFODEField, probes: Tensor, weight: float) -> None:
+    def __init__(self, field: PFODEField, probes: Tensor, weight: float,
+                 exact: bool = False) -> None:
         super().__init__()
-        self.field, self.probes, self.weight = field, probes, weight
+        self.field, self.probes, self.weight, self.exact = field, probes, weight, exact
 
     @property
     def schedule(self) -> InflationSchedule:

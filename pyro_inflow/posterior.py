@@ -103,15 +103,22 @@ def posterior_trace(fitted: MCMC | LatentSVI | Callable, args: tuple, kwargs: di
     else:
         raise TypeError(f"fitted: expected an MCMC, a latent_svi result or a guide, got "
                         f"{type(fitted).__name__}")
-    model = reparam_flow_priors(model)
+    original, model = model, reparam_flow_priors(model)
     with torch.no_grad():
         nodes = poutine.trace(model).get_trace(*args, **kwargs).nodes
+    grouped = fitted.get_samples(group_by_chain=True) if isinstance(fitted, MCMC) else {}
+    if any(k in nodes and is_flow_site(k, nodes[k], nodes) and f"{k}_base" not in grouped
+           for k in grouped):
+        # a run on the model itself (latent_nuts(centered=True)): its draws are data-space
+        # values, which condition the model as it is
+        model = original
+        with torch.no_grad():
+            nodes = poutine.trace(model).get_trace(*args, **kwargs).nodes
     names = [name for name, site in nodes.items()
              if site["type"] == "sample" and not site_is_subsample(site) and (
                  not site["is_observed"] or site["infer"].get("_deterministic")
                  or is_flow_site(name, site, nodes))]
     if isinstance(fitted, MCMC):
-        grouped = fitted.get_samples(group_by_chain=True)
         chains, draws = next(iter(grouped.values())).shape[:2]
         # the sampled sites only (a LatentMCMC also holds the data-space values)
         latent = {k: v.reshape(chains * draws, *v.shape[2:]) for k, v in grouped.items()

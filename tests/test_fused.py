@@ -79,6 +79,52 @@ def test_kernel_matches_the_pytorch_path(network, dtype, name, prr):
 
 
 @needs_kernel
+@pytest.mark.parametrize("network", ["residual_mlp", "mlp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["moons", "s_curve"])
+def test_log_density_and_its_gradient_match_the_pytorch_path(network, dtype, name):
+    """The kernel's exact trace (tangents) and its adjoint (second derivatives by hand): the
+    log-density of data points (encode) and the decode's log-determinant, with gradients."""
+    flow = perturbed_flow(name, network, False, dtype)
+    gen = torch.Generator().manual_seed(1)
+    x = flow.sample(6, generator=gen).reshape(2, 3, flow.dim)
+    w = torch.randn(2, 3, flow.dim, generator=gen, dtype=torch.float64).to(dtype)
+    weights = torch.linspace(0.5, 1.5, 3, dtype=dtype)
+    out = {}
+    for use in (True, False):
+        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with fused.use_kernel(use):
+            lp, info = flow.log_prob(xx, trace="exact", return_info=True, **WARPED)
+            (g_lp,) = torch.autograd.grad((lp * weights).sum(), xx)
+            x0, ld, _ = flow._decode_with_logdet(ww, trace="exact", **WARPED)
+            (g_ld,) = torch.autograd.grad((x0.square().sum(-1) + 3 * ld).sum(), ww)
+        out[use] = (lp.detach(), g_lp, info.error, ld.detach(), g_ld)
+    tol = {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12,
+                                                                       "rtol": 1e-12}
+    for got, want in zip(out[True], out[False]):
+        if isinstance(got, float):
+            assert got == pytest.approx(want, rel=1e-2 if dtype == torch.float32 else 1e-9)
+        else:
+            assert got.shape == want.shape
+            assert (got - want).abs().max() <= tol["atol"] + tol["rtol"] * want.abs().max()
+    # the log-determinant is far from zero: a kernel that dropped the trace would be off
+    assert out[False][3].abs().max() > 1e-1
+
+
+@needs_kernel
+def test_the_log_density_kernel_is_really_used():
+    flow = perturbed_flow()
+    x = flow.sample(4, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    flow.log_prob(x, trace="exact", **WARPED)  # packs the plan (time features: torch ops)
+    with torch.autograd.profiler.profile() as prof:
+        lp = flow.log_prob(x, trace="exact", **WARPED)
+        lp.sum().backward()
+    names = {e.name for e in prof.function_events}
+    assert "_FusedRK4Logdet" in names and "_FusedRK4LogdetBackward" in names
+    assert not names & {"aten::linear", "aten::silu", "aten::addmm"}  # no network in PyTorch
+
+
+@needs_kernel
 def test_kernel_is_really_used_and_differs_from_no_network():
     flow = perturbed_flow()
     z = torch.randn(4, 2, dtype=torch.float32)
@@ -224,4 +270,4 @@ def test_a_broken_cache_file_is_rebuilt_not_trusted(tmp_path, monkeypatch):
     _, path = fused._kernel_path()
     path.write_bytes(b"not a shared library")
     lib = fused._build()
-    assert lib.pyro_inflow_kernel_version() == 1 and os.path.getsize(path) > 1000
+    assert lib.pyro_inflow_kernel_version() == 2 and os.path.getsize(path) > 1000

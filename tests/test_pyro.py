@@ -256,6 +256,51 @@ def test_divergences_that_end_on_a_seam_are_called_so():
     assert seam["at_divergences"] > 10 * seam["at_draws"]
     assert "on a seam between modes" in report["message"]
     assert "No step size or mass matrix" in report["message"]
+    assert "centered=True" in report["message"]  # the remedy that works
+
+
+def test_centered_nuts_keeps_its_data_space_draws():
+    model, y, _ = _plate_model()
+    mcmc = pif.latent_nuts(model, y, num_samples=6, warmup_steps=6, num_chains=2,
+                           progress=False, centered=True, parallel=False)
+    samples = mcmc.get_samples()
+    assert set(samples) == {"x"} and samples["x"].shape == (12, 3, 2)
+    both = pif.posterior_samples(mcmc, group_by_chain=True)
+    assert set(both) == {"x"}
+    # the draws themselves, not fresh prior draws
+    assert torch.equal(both["x"].reshape(12, 3, 2), samples["x"])
+    idata = pif.to_inference_data(mcmc)
+    assert idata.posterior["x"].shape == (2, 6, 3, 2)
+    assert "x" in idata.log_likelihood or "y" in idata.log_likelihood
+
+
+@pytest.mark.slow
+def test_centered_nuts_samples_the_data_space_value_with_the_prior_density():
+    """``centered=True``: NUTS on ``x`` itself, scored by the prior's log-density, reproduces
+    the closed-form linear-Gaussian posterior (the bounds follow the chain's own ESS)."""
+    flow = gaussian_flow()
+    mean, cov = closed_form_posterior(flow)
+    model = linear_model(exact_prior(flow))
+    mcmc = pif.latent_nuts(model, Y, num_samples=300, warmup_steps=150, progress=False,
+                           centered=True)
+    draws = pif.posterior_samples(mcmc)
+    assert set(draws) == {"x"} and draws["x"].shape == (300, 3)  # no latent site
+    x, sd = draws["x"], cov.diag().sqrt()
+    for i in range(3):
+        ess_mean, ess_var = _ess(x[:, i]), _ess((x[:, i] - mean[i]).square())
+        assert ess_mean > 50 and ess_var > 50
+        assert abs(x[:, i].mean() - mean[i]) / sd[i] < 4 / ess_mean**0.5
+        assert abs(x[:, i].var() / cov[i, i] - 1) < 4 * (2 / ess_var) ** 0.5
+    assert pif.inference.sampler_geometry(mcmc)["seams"] == []
+
+
+def test_centered_nuts_refuses_a_prior_without_density():
+    flow = InflationaryFlow.from_gaussian_mixture(torch.ones(1), M3[None], S3[None],
+                                                  schedule="prr", dims_to_keep=2)
+    model = linear_model(exact_prior(flow))
+    with pytest.raises(ValueError, match="PR-reducing"):
+        pif.latent_nuts(model, Y, num_samples=5, warmup_steps=5, progress=False,
+                        centered=True)
 
 
 def _ess(values):

@@ -103,7 +103,8 @@ def solve(
     func: nn.Module = field
     y0 = w0
     if logdet:
-        func = AugmentedField(field, *probes(w0, trace, num_probes, seed))
+        func = AugmentedField(field, *probes(w0, trace, num_probes, seed),
+                              exact=trace == "exact")
         y0 = torch.cat([w0, w0.new_zeros(*w0.shape[:-1], 1)], dim=-1)
     options["nonfinite"] = nonfinite
     y1, info = solver(func, field, y0, float(t0), float(t1), rtol, atol, options)

@@ -1,5 +1,5 @@
 /* pyro_inflow's compiled kernel: the fixed-grid RK4 solve of a learned pfODE and its adjoint,
- * in float32 and float64. Built at first use by pyro_inflow/solvers/fused.py with the C
+ * with or without the exact log-determinant, in float32 and float64. Built at first use by pyro_inflow/solvers/fused.py with the C
  * compiler it finds (plain C11, no Python or torch headers) and loaded with ctypes; without a
  * compiler the package uses its PyTorch path, which gives the same numbers. */
 #include <stdint.h>
@@ -10,7 +10,7 @@
 #endif
 #define MAX_UNITS 64
 
-int pyro_inflow_kernel_version(void) { return 1; }
+int pyro_inflow_kernel_version(void) { return 2; }
 
 #define REAL float
 #define FN(name) name##_f32

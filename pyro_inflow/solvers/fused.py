@@ -10,12 +10,17 @@ exact gradient of the discretized map, what autograd computes, in one more call)
 wrapped in a :class:`torch.autograd.Function`, so every user of the transform (Pyro's
 ``HMC``/``NUTS``, SVI with any guide, ``Predictive``) gets it without asking.
 
-**When it is used.** ``warped_rk4`` solves of the plain pfODE (no log-determinant) of a
+**When it is used.** ``warped_rk4`` solves of the pfODE of a
 :class:`~pyro_inflow.denoisers.PreconditionedDenoiser` whose network is one of the library's
 backbones (:class:`~pyro_inflow.networks.MLP`, :class:`~pyro_inflow.networks.ResidualMLP`),
 on the CPU, in float32 or float64, for batches of at most :data:`MAX_BATCH` points, when no
-network weight asks for a gradient. Everything else (log-determinants, adaptive solvers, the
-exact denoisers, CUDA, big batches, training through a solve) takes the PyTorch path
+network weight asks for a gradient; with the exact log-determinant too (``trace="exact"``:
+the data-space ``log_prob`` and ``decode_with_logdet``), for at most ``MAX_BATCH / (D + 1)``
+points. There each evaluation also carries ``D`` forward-mode tangents of the network, whose
+sum gives ``tr(df/dw)``, and the backward pass is the adjoint of values and tangents together
+(the network's second derivatives, written out). Everything else (the Hutchinson trace,
+adaptive solvers, the exact denoisers, CUDA, big batches, training through a solve) takes the
+PyTorch path
 (:func:`~pyro_inflow.solvers.warped.warped_rk4` under autograd), which gives the same numbers
 to float rounding; ``tests/test_fused.py`` holds the two to each other.
 
@@ -144,16 +149,15 @@ def _build() -> ctypes.CDLL:
         target.unlink(missing_ok=True)
         _compile(cc, here, cache, target)
         lib = ctypes.CDLL(str(target))
-    if lib.pyro_inflow_kernel_version() != 1:
+    if lib.pyro_inflow_kernel_version() != 2:
         raise RuntimeError(f"{target} is not this version's kernel")
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     for suffix in ("f32", "f64"):
-        fwd = getattr(lib, f"rk4_forward_{suffix}")
-        fwd.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr]
-        fwd.restype = ctypes.c_int
-        bwd = getattr(lib, f"rk4_backward_{suffix}")
-        bwd.argtypes = [ptr, ptr, i64, ptr, ptr, ptr]
-        bwd.restype = ctypes.c_int
+        for name, args in (("rk4_forward", 7), ("rk4_backward", 6),
+                           ("rk4_logdet_forward", 8), ("rk4_logdet_backward", 7)):
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes = [ptr, ptr, i64, *[ptr] * (args - 3)]
+            fn.restype = ctypes.c_int
     _state["path"] = str(target)
     return lib
 
@@ -400,13 +404,61 @@ class _FusedRK4(torch.autograd.Function):
         return out[:, :D].contiguous(), None, None
 
 
+class _FusedRK4Logdet(torch.autograd.Function):
+    """``(y1, logdet, err) = solve(y0)`` with the exact trace in the kernel; backward: the
+    discrete adjoint of both outputs (second derivatives of the network, by hand)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, y0: Tensor, plan: _Plan,
+                lib: ctypes.CDLL) -> tuple[Tensor, Tensor, Tensor]:
+        B, D = y0.shape
+        suffix = "f32" if plan.dtype == torch.float32 else "f64"
+        x = y0.new_zeros(B, plan.dim_pad)
+        x[:, :D] = y0
+        y1 = torch.empty_like(x)
+        ld, err = y0.new_empty(B), y0.new_empty(B)
+        store = _Lease(4 * plan.steps * B * plan.act * (1 + D), y0.dtype) \
+            if ctx.needs_input_grad[0] else None
+        status = getattr(lib, f"rk4_logdet_forward_{suffix}")(
+            _ptr(plan.ints), _ptr(plan.params), B, _ptr(x), _ptr(y1), _ptr(ld), _ptr(err),
+            _ptr(store.buffer) if store is not None else None)
+        if status != 0:
+            raise MemoryError("pyro_inflow kernel: out of memory")
+        ctx.plan, ctx.lib, ctx.store, ctx.suffix = plan, lib, store, suffix
+        ctx.mark_non_differentiable(err)
+        return y1[:, :D].contiguous(), ld, err
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y1: Tensor, grad_ld: Tensor,
+                 grad_err: Tensor | None) -> tuple[Tensor, None, None]:
+        plan = ctx.plan
+        B, D = grad_y1.shape
+        g = grad_y1.new_zeros(B, plan.dim_pad)
+        g[:, :D] = grad_y1
+        out = torch.empty_like(g)
+        gld = grad_ld.contiguous()  # held here: a temporary would be freed before the call
+        status = getattr(ctx.lib, f"rk4_logdet_backward_{ctx.suffix}")(
+            _ptr(plan.ints), _ptr(plan.params), B, _ptr(ctx.store.buffer), _ptr(g),
+            _ptr(gld), _ptr(out))
+        if status != 0:
+            raise MemoryError("pyro_inflow kernel: out of memory")
+        return out[:, :D].contiguous(), None, None
+
+
 def fused_warped_rk4(field: nn.Module, y0: Tensor, grid: tuple[Tensor, Tensor],
-                     backward: bool) -> tuple[Tensor, Tensor] | None:
+                     backward: bool, logdet: bool = False) -> tuple[Tensor, Tensor] | None:
     """:func:`~pyro_inflow.solvers.warped.warped_rk4` of the plain pfODE ``field`` in the
     compiled kernel: ``(y1 (*, D), error (*))``, or ``None`` where the kernel does not apply
-    (see the module docstring); the caller then takes the PyTorch path."""
+    (see the module docstring); the caller then takes the PyTorch path.
+
+    With ``logdet``, ``y0`` is the augmented state ``[w, log det]`` ``(*, D + 1)`` of the
+    exact trace (:class:`~pyro_inflow.pfode.AugmentedField`) and so is ``y1``; the kernel
+    then carries ``D`` tangents per point, so it takes batches of at most
+    ``MAX_BATCH / (D + 1)`` points."""
+    rows = y0.shape[:-1].numel() * (y0.shape[-1] if logdet else 1) if y0.dim() else 0
     if (y0.device.type != "cpu" or y0.dtype not in (torch.float32, torch.float64)
-            or y0.dim() < 1 or not 0 < y0.shape[:-1].numel() <= MAX_BATCH):
+            or y0.dim() < 1 or not 0 < rows <= MAX_BATCH):
         return None
     if torch.is_grad_enabled() and any(p.requires_grad for p in _field_tensors(field)[0]):
         return None  # gradients for the weights: autograd's job
@@ -417,5 +469,10 @@ def fused_warped_rk4(field: nn.Module, y0: Tensor, grid: tuple[Tensor, Tensor],
     if plan is None:
         return None
     batch = y0.shape[:-1]
+    if logdet:
+        flat = y0.reshape(-1, y0.shape[-1])
+        w1, ld, err = _FusedRK4Logdet.apply(flat[:, :-1], plan, lib)
+        y1 = torch.cat([w1, (flat[:, -1] + ld).unsqueeze(-1)], -1)
+        return y1.reshape(y0.shape), err.reshape(batch)
     y1, err = _FusedRK4.apply(y0.reshape(-1, y0.shape[-1]), plan, lib)
     return y1.reshape(y0.shape), err.reshape(batch)

@@ -167,7 +167,11 @@ class WarpedRK4:
         steps, nfe = fixed or WARPED_STEPS, 0
         while True:
             grid = self.grid(field, steps, y0)
-            fast = fused_warped_rk4(func, y0, grid, t0 > t1) if func is field else None
+            fast = None
+            if func is field:
+                fast = fused_warped_rk4(field, y0, grid, t0 > t1)
+            elif getattr(func, "exact", False) and func.field is field:
+                fast = fused_warped_rk4(field, y0, grid, t0 > t1, logdet=True)
             y1, err = fast if fast is not None else warped_rk4(func, y0, grid, t0 > t1)
             nfe += 4 * steps + 1
             if options["nonfinite"] == "return":  # rows that overflowed carry no estimate
