@@ -148,9 +148,11 @@ static void FN(setup)(FN(net) *net, const int64_t *ints, const REAL *P)
 }
 
 /* k = velocity at x (B rows of D_pad) at `stage`. `vals` receives v_0 .. v_{U-1} (B x act,
- * unit-major: unit u's block at B offs[u]); `a` and `out` are scratch (B x max width). */
+ * unit-major: unit u's block at B offs[u]); with `dsv` (same layout), also silu'(v), which the
+ * adjoint then reads instead of computing the sigmoid again; `a` and `out` are scratch
+ * (B x max width). */
 static void FN(eval)(const FN(net) *net, int64_t stage, int64_t B, const REAL *x, REAL *k,
-                     REAL *vals, REAL *a, REAL *out)
+                     REAL *vals, REAL *dsv, REAL *a, REAL *out)
 {
     const FN(unit) *us = net->units;
     const REAL *P = net->P;
@@ -171,8 +173,17 @@ static void FN(eval)(const FN(net) *net, int64_t stage, int64_t B, const REAL *x
             int64_t pw = us[u - 1].nout_pad;
             const REAL *restrict pv = vals + B * net->offs[u - 1];
             REAL *restrict pa = a;
-            for (int64_t i = 0; i < B * pw; i++)
-                pa[i] = pv[i] / ((REAL)1 + FN(exp)(-pv[i]));
+            if (dsv) {
+                REAL *restrict pd = dsv + B * net->offs[u - 1];
+                for (int64_t i = 0; i < B * pw; i++) {
+                    REAL v = pv[i], s = (REAL)1 / ((REAL)1 + FN(exp)(-v));
+                    pa[i] = v * s;
+                    pd[i] = s * ((REAL)1 + v * ((REAL)1 - s));
+                }
+            } else {
+                for (int64_t i = 0; i < B * pw; i++)
+                    pa[i] = pv[i] / ((REAL)1 + FN(exp)(-pv[i]));
+            }
             FN(gemm)(B, un->nin, w, a, pw, P + un->off_wt, w, dst, w, 1);
         }
     }
@@ -182,9 +193,9 @@ static void FN(eval)(const FN(net) *net, int64_t stage, int64_t B, const REAL *x
             k[b * net->D_pad + j] = m[j] * out[b * net->D_pad + j];
 }
 
-/* g_x (B x D_pad) = J(x)^T g_k for the evaluation whose values are `vals`. `gv` is scratch
- * (B x act), `gout` (B x D_pad) and `tmp` (B x max width) too. */
-static void FN(vjp)(const FN(net) *net, int64_t stage, int64_t B, const REAL *vals,
+/* g_x (B x D_pad) = J(x)^T g_k for the evaluation whose silu'(v) are `ds` (eval's `dsv`).
+ * `gv` is scratch (B x act), `gout` (B x D_pad) and `tmp` (B x max width) too. */
+static void FN(vjp)(const FN(net) *net, int64_t stage, int64_t B, const REAL *ds,
                     const REAL *gk, REAL *gx, REAL *gv, REAL *gout, REAL *tmp)
 {
     const FN(unit) *us = net->units;
@@ -206,13 +217,10 @@ static void FN(vjp)(const FN(net) *net, int64_t stage, int64_t B, const REAL *va
         int64_t pw = us[u - 1].nout_pad;
         /* tmp = W_u^T g: rows of W_u (nout x nin_pad) weighted by g */
         FN(gemm)(B, un->nout, pw, g, w, P + un->off_w, pw, tmp, pw, 0);
-        const REAL *restrict v = vals + B * offs[u - 1];
+        const REAL *restrict d = ds + B * offs[u - 1];
         REAL *restrict dv = gv + B * offs[u - 1];
         const REAL *restrict tm = tmp;
-        for (int64_t i = 0; i < B * pw; i++) {
-            REAL s = (REAL)1 / ((REAL)1 + FN(exp)(-v[i]));
-            dv[i] += tm[i] * s * ((REAL)1 + v[i] * ((REAL)1 - s));
-        }
+        for (int64_t i = 0; i < B * pw; i++) dv[i] += tm[i] * d[i];
     }
     FN(gemm)(B, us[0].nout, Dp, gv, us[0].nout_pad, P + us[0].off_w, Dp, gx, Dp, 0);
 }
@@ -226,7 +234,8 @@ static int64_t FN(maxwidth)(const FN(net) *net)
 }
 
 /* The solve: y0 (B x D_pad) -> y1 (B x D_pad), err (B, RMS over the D coordinates of the
- * embedded error estimate). With `store` (4 N slots of B act), keeps what the adjoint needs.
+ * embedded error estimate). With `store` (4 N slots of 2 B act: values, then silu' of them),
+ * keeps what the adjoint needs.
  * Returns 0, or -1 when out of memory. */
 int FN(rk4_forward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *y0, REAL *y1,
                     REAL *err, REAL *store)
@@ -240,21 +249,23 @@ int FN(rk4_forward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *y
     REAL *y = x + S, *e = y + S, *vals = e + S, *a = vals + A, *out = a + W;
     REAL h = net.h;
     for (int64_t i = 0; i < S; i++) { y[i] = y0[i]; e[i] = 0; }
-#define SLOT(q) (store ? store + (q) * A : vals)
-    FN(eval)(&net, 0, B, y, k1, SLOT(0), a, out);
+#define SLOT(q) (store ? store + (q) * 2 * A : vals)
+#define DSLOT(q) (store ? store + (q) * 2 * A + A : NULL)
+    FN(eval)(&net, 0, B, y, k1, SLOT(0), DSLOT(0), a, out);
     for (int64_t n = 0; n < net.N; n++) {
         int64_t s0 = 3 * n;
         for (int64_t i = 0; i < S; i++) x[i] = y[i] + (REAL)0.5 * h * k1[i];
-        FN(eval)(&net, s0 + 1, B, x, k2, SLOT(4 * n + 1), a, out);
+        FN(eval)(&net, s0 + 1, B, x, k2, SLOT(4 * n + 1), DSLOT(4 * n + 1), a, out);
         for (int64_t i = 0; i < S; i++) x[i] = y[i] + (REAL)0.5 * h * k2[i];
-        FN(eval)(&net, s0 + 1, B, x, k3, SLOT(4 * n + 2), a, out);
+        FN(eval)(&net, s0 + 1, B, x, k3, SLOT(4 * n + 2), DSLOT(4 * n + 2), a, out);
         for (int64_t i = 0; i < S; i++) x[i] = y[i] + h * k3[i];
-        FN(eval)(&net, s0 + 2, B, x, k4, SLOT(4 * n + 3), a, out);
+        FN(eval)(&net, s0 + 2, B, x, k4, SLOT(4 * n + 3), DSLOT(4 * n + 3), a, out);
         for (int64_t i = 0; i < S; i++)
             y[i] = y[i] + (h / 6) * (k1[i] + 2 * k2[i] + 2 * k3[i] + k4[i]);
         int last = n + 1 == net.N;
         /* the end-point slope: the next step's k1, and the embedded estimate's fifth stage */
-        FN(eval)(&net, s0 + 2, B, y, k5, last ? vals : SLOT(4 * n + 4), a, out);
+        FN(eval)(&net, s0 + 2, B, y, k5, last ? vals : SLOT(4 * n + 4),
+                 last ? NULL : DSLOT(4 * n + 4), a, out);
         for (int64_t i = 0; i < S; i++) {
             REAL d = k4[i] - k5[i];
             e[i] += (h / 6) * (d < 0 ? -d : d);
@@ -262,6 +273,7 @@ int FN(rk4_forward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *y
         REAL *t = k1; k1 = k5; k5 = t;
     }
 #undef SLOT
+#undef DSLOT
     for (int64_t b = 0; b < B; b++) {
         REAL acc = 0;
         for (int64_t j = 0; j < net.D; j++) acc += e[b * Dp + j] * e[b * Dp + j];
@@ -287,7 +299,7 @@ int FN(rk4_backward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *
     for (int64_t i = 0; i < S; i++) yb[i] = gy1[i];
     for (int64_t n = net.N - 1; n >= 0; n--) {
         int64_t s0 = 3 * n;
-        const REAL *base = store + 4 * n * A;
+        const REAL *base = store + 4 * n * 2 * A + A;  /* silu' of stage 0's values */
         for (int64_t i = 0; i < S; i++) {
             acc[i] = yb[i];
             kb1[i] = (h / 6) * yb[i];
@@ -296,13 +308,13 @@ int FN(rk4_backward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *
             u[i] = (h / 6) * yb[i];  /* kb4 */
         }
         /* k4 = f(y + h k3) */
-        FN(vjp)(&net, s0 + 2, B, base + 3 * A, u, u, gv, gout, tmp);
+        FN(vjp)(&net, s0 + 2, B, base + 6 * A, u, u, gv, gout, tmp);
         for (int64_t i = 0; i < S; i++) { acc[i] += u[i]; kb3[i] += h * u[i]; }
         /* k3 = f(y + h/2 k2) */
-        FN(vjp)(&net, s0 + 1, B, base + 2 * A, kb3, u, gv, gout, tmp);
+        FN(vjp)(&net, s0 + 1, B, base + 4 * A, kb3, u, gv, gout, tmp);
         for (int64_t i = 0; i < S; i++) { acc[i] += u[i]; kb2[i] += (REAL)0.5 * h * u[i]; }
         /* k2 = f(y + h/2 k1) */
-        FN(vjp)(&net, s0 + 1, B, base + A, kb2, u, gv, gout, tmp);
+        FN(vjp)(&net, s0 + 1, B, base + 2 * A, kb2, u, gv, gout, tmp);
         for (int64_t i = 0; i < S; i++) { acc[i] += u[i]; kb1[i] += (REAL)0.5 * h * u[i]; }
         /* k1 = f(y) */
         FN(vjp)(&net, s0, B, base, kb1, u, gv, gout, tmp);
@@ -448,7 +460,7 @@ int FN(rk4_logdet_forward)(const int64_t *ints, const REAL *P, int64_t B, const 
 #define TSLOT(q) (store ? store + (q) * (A + AT) + A : tans)
 #define EVAL(stage, at, k, q, tr)                                                            \
     do {                                                                                     \
-        FN(eval)(&net, stage, B, at, k, VSLOT(q), a, out);                                   \
+        FN(eval)(&net, stage, B, at, k, VSLOT(q), NULL, a, out);                             \
         FN(tangent)(&net, stage, B, VSLOT(q), TSLOT(q), tr, ta, tout);                       \
     } while (0)
     EVAL(0, y, k1, 0, tr1);
@@ -466,7 +478,7 @@ int FN(rk4_logdet_forward)(const int64_t *ints, const REAL *P, int64_t B, const 
             ld[b] += (h / 6) * (tr1[b] + 2 * tr2[b] + 2 * tr3[b] + tr4[b]);
         /* the end-point slope: the next step's k1, and the embedded estimate's fifth stage */
         if (n + 1 == net.N) {
-            FN(eval)(&net, s0 + 2, B, y, k5, vals, a, out);
+            FN(eval)(&net, s0 + 2, B, y, k5, vals, NULL, a, out);
             FN(tangent)(&net, s0 + 2, B, vals, tans, tr5, ta, tout);
         } else {
             EVAL(s0 + 2, y, k5, 4 * n + 4, tr5);

@@ -377,7 +377,7 @@ class _FusedRK4(torch.autograd.Function):
         x[:, :D] = y0
         y1 = torch.empty_like(x)
         err = y0.new_empty(B)
-        store = _Lease(4 * plan.steps * B * plan.act, y0.dtype) if ctx.needs_input_grad[0] \
+        store = _Lease(8 * plan.steps * B * plan.act, y0.dtype) if ctx.needs_input_grad[0] \
             else None
         status = getattr(lib, f"rk4_forward_{suffix}")(
             _ptr(plan.ints), _ptr(plan.params), B, _ptr(x), _ptr(y1), _ptr(err),
