@@ -292,7 +292,8 @@ def latent_nuts(
 
     Returns:
         The run :class:`LatentMCMC`: ``mcmc.get_samples()`` holds the latent sites
-        ``"{name}_base"``, the data-space values ``name`` and the deterministic sites;
+        ``"{name}_base"`` (not with ``centered=True``), the data-space values ``name`` and the
+        deterministic sites;
         :func:`posterior_samples` gives the same and
         :func:`~pyro_inflow.diagnostics.to_inference_data` makes an ArviZ ``InferenceData``
         (with per-draw ``diverging``, ``tree_depth``, ``n_steps``, ``step_size``, ``lp``).

@@ -182,7 +182,9 @@ def posterior_samples(
 
     Returns:
         ``{site: tensor}`` with every latent site, every rewritten flow site ``name`` (data
-        space, ``(..., D)``) and every ``pyro.deterministic`` site.
+        space, ``(..., D)``) and every ``pyro.deterministic`` site. An MCMC run on the model
+        itself (``latent_nuts(..., centered=True)``, or ``NUTS(model)``) has no latent site:
+        its draws of ``name`` are kept as they are.
     """
     post = posterior_trace(fitted, args, kwargs, model, num_samples)
     out = {k: post.values(k) for k in post.names}
