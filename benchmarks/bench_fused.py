@@ -100,6 +100,19 @@ def plate_model(prior, t: torch.Tensor, y: torch.Tensor):
     return model
 
 
+def hmc_step_seconds(model, use: bool, draws: int, args: tuple = ()) -> float:
+    """Seconds per leapfrog step of ``HMC`` (10 fixed steps of 0.02, no adaptation) over
+    ``draws`` draws, with the kernel (``use``) or the PyTorch path."""
+    pyro.set_rng_seed(0)
+    kernel = HMC(model, step_size=0.02, num_steps=10, adapt_step_size=False,
+                 adapt_mass_matrix=False)
+    mcmc = MCMC(kernel, num_samples=draws, warmup_steps=0, disable_progbar=True)
+    with fused.use_kernel(use):
+        tic = time.perf_counter()
+        mcmc.run(*args)
+        return (time.perf_counter() - tic) / (10 * draws)
+
+
 def leapfrog_table(flow, data: torch.Tensor, rounds: int, draws: int) -> list[dict]:
     mvn = dist.MultivariateNormal(data.mean(0), torch.cov(data.T))
     t = torch.linspace(-1, 1, 5)
@@ -114,21 +127,11 @@ def leapfrog_table(flow, data: torch.Tensor, rounds: int, draws: int) -> list[di
         flow_model = pif.reparam_flow_priors(make(flow.prior()))
         mvn_model = make(mvn)
 
-        def per_step(model, use: bool, args=args) -> float:
-            pyro.set_rng_seed(0)
-            kernel = HMC(model, step_size=0.02, num_steps=10, adapt_step_size=False,
-                         adapt_mass_matrix=False)
-            mcmc = MCMC(kernel, num_samples=draws, warmup_steps=0, disable_progbar=True)
-            with fused.use_kernel(use):
-                tic = time.perf_counter()
-                mcmc.run(*args)
-                return (time.perf_counter() - tic) / (10 * draws)
-
         times: dict[str, list[float]] = {"kernel": [], "pytorch": [], "mvn": []}
         for _ in range(rounds):
-            times["kernel"].append(per_step(flow_model, True))
-            times["pytorch"].append(per_step(flow_model, False))
-            times["mvn"].append(per_step(mvn_model, True))
+            times["kernel"].append(hmc_step_seconds(flow_model, True, draws, args))
+            times["pytorch"].append(hmc_step_seconds(flow_model, False, draws, args))
+            times["mvn"].append(hmc_step_seconds(mvn_model, True, draws, args))
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         rows.append({"model": name, "kernel_ms": 1e3 * med["kernel"],
                      "pytorch_ms": 1e3 * med["pytorch"], "mvn_ms": 1e3 * med["mvn"],
@@ -162,20 +165,10 @@ def log_density_table(flow, data: torch.Tensor, repeats: int, rounds: int, draws
               "latent": (pif.reparam_flow_priors(plate_model(flow.prior(), t, y8)), True),
               "MVN": (plate_model(mvn, t, y8), True)}
 
-    def per_step(model, use: bool) -> float:
-        pyro.set_rng_seed(0)
-        kernel = HMC(model, step_size=0.02, num_steps=10, adapt_step_size=False,
-                     adapt_mass_matrix=False)
-        mcmc = MCMC(kernel, num_samples=draws, warmup_steps=0, disable_progbar=True)
-        with fused.use_kernel(use):
-            tic = time.perf_counter()
-            mcmc.run()
-            return (time.perf_counter() - tic) / (10 * draws)
-
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(rounds):
         for name, (model, use) in models.items():
-            times[name].append(per_step(model, use))
+            times[name].append(hmc_step_seconds(model, use, draws))
     step = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
     return {"gradients": rows, "leapfrog_ms": step}
 

@@ -365,6 +365,26 @@ class _Lease:
             free.append(self.buffer)
 
 
+def _state_rows(t: Tensor, plan: _Plan) -> Tensor:
+    """Rows ``(B, D)`` in zero-padded rows ``(B, D_pad)``, as the kernel reads states."""
+    out = t.new_zeros(t.shape[0], plan.dim_pad)
+    out[:, :t.shape[1]] = t
+    return out
+
+
+def _run(lib: ctypes.CDLL, name: str, plan: _Plan, B: int, *tensors: Tensor | None) -> None:
+    """Call the kernel's ``name`` with the plan and the tensors' buffers (held alive by this
+    frame for the call)."""
+    status = getattr(lib, name)(_ptr(plan.ints), _ptr(plan.params), B,
+                                *(None if t is None else _ptr(t) for t in tensors))
+    if status != 0:
+        raise MemoryError("pyro_inflow kernel: out of memory")
+
+
+def _suffix(plan: _Plan) -> str:
+    return "f32" if plan.dtype == torch.float32 else "f64"
+
+
 class _FusedRK4(torch.autograd.Function):
     """``(y1, err) = solve(y0)`` in the kernel; backward: the discrete adjoint."""
 
@@ -372,19 +392,13 @@ class _FusedRK4(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, y0: Tensor, plan: _Plan,
                 lib: ctypes.CDLL) -> tuple[Tensor, Tensor]:
         B, D = y0.shape
-        suffix = "f32" if plan.dtype == torch.float32 else "f64"
-        x = y0.new_zeros(B, plan.dim_pad)
-        x[:, :D] = y0
-        y1 = torch.empty_like(x)
-        err = y0.new_empty(B)
+        x = _state_rows(y0, plan)
+        y1, err = torch.empty_like(x), y0.new_empty(B)
         store = _Lease(8 * plan.steps * B * plan.act, y0.dtype) if ctx.needs_input_grad[0] \
             else None
-        status = getattr(lib, f"rk4_forward_{suffix}")(
-            _ptr(plan.ints), _ptr(plan.params), B, _ptr(x), _ptr(y1), _ptr(err),
-            _ptr(store.buffer) if store is not None else None)
-        if status != 0:
-            raise MemoryError("pyro_inflow kernel: out of memory")
-        ctx.plan, ctx.lib, ctx.store, ctx.suffix = plan, lib, store, suffix
+        _run(lib, f"rk4_forward_{_suffix(plan)}", plan, B, x, y1, err,
+             store.buffer if store is not None else None)
+        ctx.plan, ctx.lib, ctx.store = plan, lib, store
         ctx.mark_non_differentiable(err)
         return y1[:, :D].contiguous(), err
 
@@ -392,15 +406,11 @@ class _FusedRK4(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y1: Tensor,
                  grad_err: Tensor | None) -> tuple[Tensor, None, None]:
-        plan = ctx.plan
         B, D = grad_y1.shape
-        g = grad_y1.new_zeros(B, plan.dim_pad)
-        g[:, :D] = grad_y1
+        g = _state_rows(grad_y1, ctx.plan)
         out = torch.empty_like(g)
-        status = getattr(ctx.lib, f"rk4_backward_{ctx.suffix}")(
-            _ptr(plan.ints), _ptr(plan.params), B, _ptr(ctx.store.buffer), _ptr(g), _ptr(out))
-        if status != 0:
-            raise MemoryError("pyro_inflow kernel: out of memory")
+        _run(ctx.lib, f"rk4_backward_{_suffix(ctx.plan)}", ctx.plan, B, ctx.store.buffer, g,
+             out)
         return out[:, :D].contiguous(), None, None
 
 
@@ -412,19 +422,13 @@ class _FusedRK4Logdet(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, y0: Tensor, plan: _Plan,
                 lib: ctypes.CDLL) -> tuple[Tensor, Tensor, Tensor]:
         B, D = y0.shape
-        suffix = "f32" if plan.dtype == torch.float32 else "f64"
-        x = y0.new_zeros(B, plan.dim_pad)
-        x[:, :D] = y0
-        y1 = torch.empty_like(x)
-        ld, err = y0.new_empty(B), y0.new_empty(B)
+        x = _state_rows(y0, plan)
+        y1, ld, err = torch.empty_like(x), y0.new_empty(B), y0.new_empty(B)
         store = _Lease(4 * plan.steps * B * plan.act * (1 + D), y0.dtype) \
             if ctx.needs_input_grad[0] else None
-        status = getattr(lib, f"rk4_logdet_forward_{suffix}")(
-            _ptr(plan.ints), _ptr(plan.params), B, _ptr(x), _ptr(y1), _ptr(ld), _ptr(err),
-            _ptr(store.buffer) if store is not None else None)
-        if status != 0:
-            raise MemoryError("pyro_inflow kernel: out of memory")
-        ctx.plan, ctx.lib, ctx.store, ctx.suffix = plan, lib, store, suffix
+        _run(lib, f"rk4_logdet_forward_{_suffix(plan)}", plan, B, x, y1, ld, err,
+             store.buffer if store is not None else None)
+        ctx.plan, ctx.lib, ctx.store = plan, lib, store
         ctx.mark_non_differentiable(err)
         return y1[:, :D].contiguous(), ld, err
 
@@ -432,17 +436,11 @@ class _FusedRK4Logdet(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y1: Tensor, grad_ld: Tensor,
                  grad_err: Tensor | None) -> tuple[Tensor, None, None]:
-        plan = ctx.plan
         B, D = grad_y1.shape
-        g = grad_y1.new_zeros(B, plan.dim_pad)
-        g[:, :D] = grad_y1
+        g = _state_rows(grad_y1, ctx.plan)
         out = torch.empty_like(g)
-        gld = grad_ld.contiguous()  # held here: a temporary would be freed before the call
-        status = getattr(ctx.lib, f"rk4_logdet_backward_{ctx.suffix}")(
-            _ptr(plan.ints), _ptr(plan.params), B, _ptr(ctx.store.buffer), _ptr(g),
-            _ptr(gld), _ptr(out))
-        if status != 0:
-            raise MemoryError("pyro_inflow kernel: out of memory")
+        _run(ctx.lib, f"rk4_logdet_backward_{_suffix(ctx.plan)}", ctx.plan, B,
+             ctx.store.buffer, g, grad_ld.contiguous(), out)
         return out[:, :D].contiguous(), None, None
 
 
