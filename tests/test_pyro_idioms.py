@@ -71,13 +71,18 @@ def test_plain_mcmc_agrees_with_the_control_and_the_closed_form(kernel):
     its own effective sample size (which must be worth the name)."""
     mean, cov = closed_form()
     sd = cov.diagonal().sqrt()
-    for name, model in [("flow", pif.reparam_flow_priors(FLOW_MODEL)), ("control", CONTROL)]:
+    runs = [("flow", pif.reparam_flow_priors(FLOW_MODEL)), ("control", CONTROL)]
+    if kernel is NUTS:  # and on the model itself: x sampled, scored by the prior's log_prob
+        runs.append(("flow, data space", FLOW_MODEL))
+    for name, model in runs:
         pyro.set_rng_seed(1)
         options = {"num_steps": 4, "step_size": 0.4} if kernel is HMC else {}
         mcmc = MCMC(kernel(model, **options), num_samples=120, warmup_steps=80,
                     disable_progbar=True)
         mcmc.run()
-        x = pif.posterior_samples(mcmc)["x"] if name == "flow" else mcmc.get_samples()["x"]
+        x = pif.posterior_samples(mcmc)["x"] if name != "control" else mcmc.get_samples()["x"]
+        if name == "flow, data space":  # its own draws, not fresh prior draws
+            assert torch.equal(x, mcmc.get_samples()["x"])
         ess = effective_sample_size(x.unsqueeze(0)).min()
         assert ess > 5, name  # a stuck chain would make the bounds vacuous
         assert ((x.mean(0) - mean).abs() / sd).max() < 4 / ess.sqrt(), name
