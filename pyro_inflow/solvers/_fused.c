@@ -1,7 +1,8 @@
 /* pyro_inflow's compiled kernel: the fixed-grid RK4 solve of a learned pfODE and its adjoint,
- * with or without the exact log-determinant, in float32 and float64. Built at first use by pyro_inflow/solvers/fused.py with the C
- * compiler it finds (plain C11, no Python or torch headers) and loaded with ctypes; without a
- * compiler the package uses its PyTorch path, which gives the same numbers. */
+ * with or without the exact log-determinant, in float32 and float64. Built at first use by
+ * pyro_inflow/solvers/fused.py with the C compiler it finds (plain C11, no Python or torch
+ * headers) and loaded with ctypes; without a compiler the package uses its PyTorch path,
+ * which gives the same numbers. */
 #include <stdint.h>
 #include <stdlib.h>
 

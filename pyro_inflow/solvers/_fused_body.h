@@ -325,7 +325,6 @@ int FN(rk4_backward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *
     return 0;
 }
 
-
 /* ---- the log-determinant: the trace of dk/dx by forward-mode tangents, and its adjoint ----
  *
  * For each point and each of the D basis vectors e_i, the tangent of the chain
@@ -335,9 +334,9 @@ int FN(rk4_backward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *
 
 static inline REAL FN(sig)(REAL v) { return (REAL)1 / ((REAL)1 + FN(exp)(-v)); }
 
-/* tans (B D x act) <- tangents of the evaluation whose values are `vals`; tr (B) <- trace.
- * `ta` (B D x max width) and `tout` (B D x D_pad) are scratch. */
-static void FN(tangent)(const FN(net) *net, int64_t stage, int64_t B, const REAL *vals,
+/* tans (B D x act) <- tangents of the evaluation whose silu'(v) are `ds` (eval's `dsv`);
+ * tr (B) <- trace. `ta` (B D x max width) and `tout` (B D x D_pad) are scratch. */
+static void FN(tangent)(const FN(net) *net, int64_t stage, int64_t B, const REAL *ds,
                         REAL *tans, REAL *tr, REAL *ta, REAL *tout)
 {
     const FN(unit) *us = net->units;
@@ -357,21 +356,16 @@ static void FN(tangent)(const FN(net) *net, int64_t stage, int64_t B, const REAL
         if (un->res >= 0) {
             const REAL *src = tans + BD * net->offs[un->res];
             for (int64_t i = 0; i < BD * w; i++) dst[i] = src[i];
-        } else {
-            for (int64_t i = 0; i < BD * w; i++) dst[i] = 0;
         }
         int64_t pw = us[u - 1].nout_pad;
-        const REAL *restrict pv = vals + B * net->offs[u - 1];
+        const REAL *restrict pd = ds + B * net->offs[u - 1];
         const REAL *restrict pt = tans + BD * net->offs[u - 1];
         REAL *restrict pa = ta;
         for (int64_t b = 0; b < B; b++)
-            for (int64_t j = 0; j < pw; j++) {
-                REAL v = pv[b * pw + j], s = FN(sig)(v);
-                REAL ds = s * ((REAL)1 + v * ((REAL)1 - s));
-                for (int64_t i = 0; i < D; i++)
-                    pa[(b * D + i) * pw + j] = ds * pt[(b * D + i) * pw + j];
-            }
-        FN(gemm)(BD, un->nin, w, ta, pw, P + un->off_wt, w, dst, w, 1);
+            for (int64_t i = 0; i < D; i++)
+                for (int64_t j = 0; j < pw; j++)
+                    pa[(b * D + i) * pw + j] = pd[b * pw + j] * pt[(b * D + i) * pw + j];
+        FN(gemm)(BD, un->nin, w, ta, pw, P + un->off_wt, w, dst, w, un->res >= 0);
     }
     const REAL *m = P + net->off_mult + stage * Dp;
     for (int64_t b = 0; b < B; b++) {
@@ -438,7 +432,8 @@ static void FN(vjp_tan)(const FN(net) *net, int64_t stage, int64_t B, const REAL
 /* rk4_forward with the log-determinant: also ld (B) = sum over steps of
  * h/6 (tr1 + 2 tr2 + 2 tr3 + tr4), the RK4 integral of tr(dk/dx) along the solve, and its
  * embedded estimate's error in `err` (RMS over D + 1 coordinates, as the PyTorch path's
- * augmented state). `store` (4 N slots of B act (1 + D)) keeps what the adjoint needs. */
+ * augmented state). `store` (4 N slots of B act (2 + D): values, silu' of them, tangents)
+ * keeps what the adjoint needs. */
 int FN(rk4_logdet_forward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *y0,
                            REAL *y1, REAL *ld, REAL *err, REAL *store)
 {
@@ -446,22 +441,24 @@ int FN(rk4_logdet_forward)(const int64_t *ints, const REAL *P, int64_t B, const 
     FN(setup)(&net, ints, P);
     int64_t D = net.D, Dp = net.D_pad, S = B * Dp, A = B * net.act, AT = A * D;
     int64_t mw = FN(maxwidth)(&net), W = B * mw;
-    REAL *buf = (REAL *)malloc(sizeof(REAL) * (8 * S + A + AT + 2 * W + D * W + B * D * Dp
-                                               + 6 * B));
+    REAL *buf = (REAL *)malloc(sizeof(REAL) * (8 * S + 2 * A + AT + 2 * W + D * W
+                                               + B * D * Dp + 6 * B));
     if (!buf) return -1;
     REAL *k1 = buf, *k2 = k1 + S, *k3 = k2 + S, *k4 = k3 + S, *k5 = k4 + S, *x = k5 + S;
-    REAL *y = x + S, *e = y + S, *vals = e + S, *tans = vals + A, *a = tans + AT;
+    REAL *y = x + S, *e = y + S, *vals = e + S, *dsv = vals + A, *tans = dsv + A;
+    REAL *a = tans + AT;
     REAL *out = a + W, *ta = out + W, *tout = ta + D * W, *tr1 = tout + B * D * Dp;
     REAL *tr2 = tr1 + B, *tr3 = tr2 + B, *tr4 = tr3 + B, *tr5 = tr4 + B, *el = tr5 + B;
     REAL h = net.h;
     for (int64_t i = 0; i < S; i++) { y[i] = y0[i]; e[i] = 0; }
     for (int64_t b = 0; b < B; b++) { ld[b] = 0; el[b] = 0; }
-#define VSLOT(q) (store ? store + (q) * (A + AT) : vals)
-#define TSLOT(q) (store ? store + (q) * (A + AT) + A : tans)
+#define VSLOT(q) (store ? store + (q) * (2 * A + AT) : vals)
+#define DSLOT(q) (store ? store + (q) * (2 * A + AT) + A : dsv)
+#define TSLOT(q) (store ? store + (q) * (2 * A + AT) + 2 * A : tans)
 #define EVAL(stage, at, k, q, tr)                                                            \
     do {                                                                                     \
-        FN(eval)(&net, stage, B, at, k, VSLOT(q), NULL, a, out);                             \
-        FN(tangent)(&net, stage, B, VSLOT(q), TSLOT(q), tr, ta, tout);                       \
+        FN(eval)(&net, stage, B, at, k, VSLOT(q), DSLOT(q), a, out);                         \
+        FN(tangent)(&net, stage, B, DSLOT(q), TSLOT(q), tr, ta, tout);                       \
     } while (0)
     EVAL(0, y, k1, 0, tr1);
     for (int64_t n = 0; n < net.N; n++) {
@@ -478,8 +475,8 @@ int FN(rk4_logdet_forward)(const int64_t *ints, const REAL *P, int64_t B, const 
             ld[b] += (h / 6) * (tr1[b] + 2 * tr2[b] + 2 * tr3[b] + tr4[b]);
         /* the end-point slope: the next step's k1, and the embedded estimate's fifth stage */
         if (n + 1 == net.N) {
-            FN(eval)(&net, s0 + 2, B, y, k5, vals, NULL, a, out);
-            FN(tangent)(&net, s0 + 2, B, vals, tans, tr5, ta, tout);
+            FN(eval)(&net, s0 + 2, B, y, k5, vals, dsv, a, out);
+            FN(tangent)(&net, s0 + 2, B, dsv, tans, tr5, ta, tout);
         } else {
             EVAL(s0 + 2, y, k5, 4 * n + 4, tr5);
         }
@@ -496,6 +493,7 @@ int FN(rk4_logdet_forward)(const int64_t *ints, const REAL *P, int64_t B, const 
     }
 #undef EVAL
 #undef VSLOT
+#undef DSLOT
 #undef TSLOT
     for (int64_t b = 0; b < B; b++) {
         REAL acc = el[b] * el[b];
@@ -529,9 +527,9 @@ int FN(rk4_logdet_backward)(const int64_t *ints, const REAL *P, int64_t B, const
     for (int64_t i = 0; i < S; i++) yb[i] = gy1[i];
     for (int64_t n = net.N - 1; n >= 0; n--) {
         int64_t s0 = 3 * n;
-        const REAL *base = store + 4 * n * (A + AT);
-#define V(q) (base + (q) * (A + AT))
-#define T(q) (base + (q) * (A + AT) + A)
+        const REAL *base = store + 4 * n * (2 * A + AT);
+#define V(q) (base + (q) * (2 * A + AT))
+#define T(q) (base + (q) * (2 * A + AT) + 2 * A)
         for (int64_t i = 0; i < S; i++) {
             acc[i] = yb[i];
             kb1[i] = (h / 6) * yb[i];

@@ -424,7 +424,7 @@ class _FusedRK4Logdet(torch.autograd.Function):
         B, D = y0.shape
         x = _state_rows(y0, plan)
         y1, ld, err = torch.empty_like(x), y0.new_empty(B), y0.new_empty(B)
-        store = _Lease(4 * plan.steps * B * plan.act * (1 + D), y0.dtype) \
+        store = _Lease(4 * plan.steps * B * plan.act * (2 + D), y0.dtype) \
             if ctx.needs_input_grad[0] else None
         _run(lib, f"rk4_logdet_forward_{_suffix(plan)}", plan, B, x, y1, ld, err,
              store.buffer if store is not None else None)
@@ -454,9 +454,11 @@ def fused_warped_rk4(field: nn.Module, y0: Tensor, grid: tuple[Tensor, Tensor],
     exact trace (:class:`~pyro_inflow.pfode.AugmentedField`) and so is ``y1``; the kernel
     then carries ``D`` tangents per point, so it takes batches of at most
     ``MAX_BATCH / (D + 1)`` points."""
-    rows = y0.shape[:-1].numel() * (y0.shape[-1] if logdet else 1) if y0.dim() else 0
-    if (y0.device.type != "cpu" or y0.dtype not in (torch.float32, torch.float64)
-            or y0.dim() < 1 or not 0 < rows <= MAX_BATCH):
+    if (y0.dim() < 1 or y0.device.type != "cpu"
+            or y0.dtype not in (torch.float32, torch.float64)):
+        return None
+    rows = y0.shape[:-1].numel() * (y0.shape[-1] if logdet else 1)  # logdet: D + 1 per point
+    if not 0 < rows <= MAX_BATCH:
         return None
     if torch.is_grad_enabled() and any(p.requires_grad for p in _field_tensors(field)[0]):
         return None  # gradients for the weights: autograd's job
