@@ -77,6 +77,43 @@ def test_resume_continues_to_the_same_result(tmp_path):
         InflationaryFlow.fit(x[:2000], **settings, resume=ckpt)
 
 
+def test_adam_falls_back_and_a_checkpoint_does_not_carry_the_implementation(tmp_path,
+                                                                            monkeypatch):
+    """Training uses PyTorch's fused Adam where it exists and the plain one elsewhere; a
+    checkpoint made with one resumes with the other (this machine's choice, not the file's)."""
+    from pyro_inflow.training import trainer
+
+    x = datasets.load("circles", n=3000, seed=0)
+    settings = {**FAST, "steps": 200}
+    ckpt = tmp_path / "run.ckpt"
+    plain_adam = torch.optim.Adam
+
+    def no_fused(params, lr, **kw):  # a torch without the fused CPU implementation
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be on CUDA")
+        return plain_adam(params, lr=lr, **kw)
+
+    used = []
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim, "Adam", no_fused)
+        with pytest.raises(KeyboardInterrupt):
+            InflationaryFlow.fit(x, **settings, checkpoint=ckpt, checkpoint_every=1000,
+                                 callback=interrupt_at(130))
+    real_adam = trainer._adam
+
+    def spy(params, lr):
+        opt = real_adam(params, lr)
+        used.append(opt)
+        return opt
+
+    monkeypatch.setattr(trainer, "_adam", spy)
+    resumed = InflationaryFlow.fit(x, **settings, resume=ckpt)
+    assert used and all(g["fused"] for g in used[0].param_groups)
+    full = InflationaryFlow.fit(x, **settings)  # fused from the start: equal to rounding
+    s1, s2 = full.denoiser.state_dict(), resumed.denoiser.state_dict()
+    assert all(torch.allclose(s1[k], s2[k], rtol=1e-3, atol=1e-4) for k in s1)
+
+
 TINY = {"steps": 600, "batch_size": 64, "hidden": 64, "depth": 2, "eval_every": 25,
         "validation_fraction": 0.25, "progress": False}
 

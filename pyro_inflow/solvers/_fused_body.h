@@ -234,8 +234,8 @@ static int64_t FN(maxwidth)(const FN(net) *net)
 }
 
 /* The solve: y0 (B x D_pad) -> y1 (B x D_pad), err (B, RMS over the D coordinates of the
- * embedded error estimate). With `store` (4 N slots of 2 B act: values, then silu' of them),
- * keeps what the adjoint needs.
+ * embedded error estimate). With `store` (4 N slots of B act: silu' of the network's values
+ * at each stage), keeps what the adjoint needs; the values themselves stay in scratch.
  * Returns 0, or -1 when out of memory. */
 int FN(rk4_forward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *y0, REAL *y1,
                     REAL *err, REAL *store)
@@ -249,8 +249,8 @@ int FN(rk4_forward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *y
     REAL *y = x + S, *e = y + S, *vals = e + S, *a = vals + A, *out = a + W;
     REAL h = net.h;
     for (int64_t i = 0; i < S; i++) { y[i] = y0[i]; e[i] = 0; }
-#define SLOT(q) (store ? store + (q) * 2 * A : vals)
-#define DSLOT(q) (store ? store + (q) * 2 * A + A : NULL)
+#define SLOT(q) vals
+#define DSLOT(q) (store ? store + (q) * A : NULL)
     FN(eval)(&net, 0, B, y, k1, SLOT(0), DSLOT(0), a, out);
     for (int64_t n = 0; n < net.N; n++) {
         int64_t s0 = 3 * n;
@@ -264,8 +264,7 @@ int FN(rk4_forward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *y
             y[i] = y[i] + (h / 6) * (k1[i] + 2 * k2[i] + 2 * k3[i] + k4[i]);
         int last = n + 1 == net.N;
         /* the end-point slope: the next step's k1, and the embedded estimate's fifth stage */
-        FN(eval)(&net, s0 + 2, B, y, k5, last ? vals : SLOT(4 * n + 4),
-                 last ? NULL : DSLOT(4 * n + 4), a, out);
+        FN(eval)(&net, s0 + 2, B, y, k5, vals, last ? NULL : DSLOT(4 * n + 4), a, out);
         for (int64_t i = 0; i < S; i++) {
             REAL d = k4[i] - k5[i];
             e[i] += (h / 6) * (d < 0 ? -d : d);
@@ -299,7 +298,7 @@ int FN(rk4_backward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *
     for (int64_t i = 0; i < S; i++) yb[i] = gy1[i];
     for (int64_t n = net.N - 1; n >= 0; n--) {
         int64_t s0 = 3 * n;
-        const REAL *base = store + 4 * n * 2 * A + A;  /* silu' of stage 0's values */
+        const REAL *base = store + 4 * n * A;  /* silu' of stage 0's values */
         for (int64_t i = 0; i < S; i++) {
             acc[i] = yb[i];
             kb1[i] = (h / 6) * yb[i];
@@ -308,13 +307,13 @@ int FN(rk4_backward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *
             u[i] = (h / 6) * yb[i];  /* kb4 */
         }
         /* k4 = f(y + h k3) */
-        FN(vjp)(&net, s0 + 2, B, base + 6 * A, u, u, gv, gout, tmp);
+        FN(vjp)(&net, s0 + 2, B, base + 3 * A, u, u, gv, gout, tmp);
         for (int64_t i = 0; i < S; i++) { acc[i] += u[i]; kb3[i] += h * u[i]; }
         /* k3 = f(y + h/2 k2) */
-        FN(vjp)(&net, s0 + 1, B, base + 4 * A, kb3, u, gv, gout, tmp);
+        FN(vjp)(&net, s0 + 1, B, base + 2 * A, kb3, u, gv, gout, tmp);
         for (int64_t i = 0; i < S; i++) { acc[i] += u[i]; kb2[i] += (REAL)0.5 * h * u[i]; }
         /* k2 = f(y + h/2 k1) */
-        FN(vjp)(&net, s0 + 1, B, base + 2 * A, kb2, u, gv, gout, tmp);
+        FN(vjp)(&net, s0 + 1, B, base + 1 * A, kb2, u, gv, gout, tmp);
         for (int64_t i = 0; i < S; i++) { acc[i] += u[i]; kb1[i] += (REAL)0.5 * h * u[i]; }
         /* k1 = f(y) */
         FN(vjp)(&net, s0, B, base, kb1, u, gv, gout, tmp);

@@ -59,7 +59,12 @@ def load_checkpoint(path: str | os.PathLike, trainer: Trainer) -> float:
                              f"steps={cfg.steps}")
         trainer.model.load_state_dict(record["model"])
         trainer.ema.load_state_dict(record["ema"])
+        # the implementation (fused or not) is this machine's choice, not the record's
+        own = [{k: g[k] for k in ("fused", "foreach") if k in g}
+               for g in trainer.optimizer.param_groups]
         trainer.optimizer.load_state_dict(record["optimizer"])
+        for group, keep in zip(trainer.optimizer.param_groups, own):
+            group.update(keep)
         trainer.generator.set_state(record["generator"])
         trainer.done = int(record["step"])
         trainer.history = record["history"]
