@@ -14,7 +14,12 @@ the cost, is the same), 1 torch thread, every timing round-robin in one process:
    size, no adaptation) of (a) ``x ~ prior`` (2-D) with ``y ~ N(x0 + x1, 0.3)`` and (b) 8
    groups in a ``pyro.plate``, each a 2-D prior with its own regression on 5 points; the flow
    prior (kernel, and PyTorch path) against a ``MultivariateNormal`` of the training data's
-   mean and covariance.
+   mean and covariance. Then **the floor** of the flow prior's step: the same step with the
+   kernel made free (a stand-in that copies its input: what Pyro's reparametrized site and the
+   transform's Python cost), the kernel's own time (forward + adjoint, called directly), and
+   the time of the decode's and gradient's multiply-adds at this core's measured peak (a
+   float32 1024 x 1024 matrix product on one thread). Free-kernel step + that arithmetic is
+   the least a flow prior's step can cost with this network and grid, whatever the code.
 3. **Batch size** (the crossing that sets ``MAX_BATCH``): decode time per point with and
    without a gradient, kernel (one thread, as it always is) against the PyTorch path at torch's
    default thread count.
@@ -46,7 +51,7 @@ from pyro.infer import HMC, MCMC
 
 import pyro_inflow as pif
 from pyro_inflow.examples.problems import NOISE, Y_OBS, moons_model
-from pyro_inflow.solvers import fused
+from pyro_inflow.solvers import SOLVERS, fused
 
 GRID = {"method": "warped_rk4", "num_steps": 12, "rtol": 1e9}
 
@@ -113,6 +118,50 @@ def hmc_step_seconds(model, use: bool, draws: int, args: tuple = ()) -> float:
         return (time.perf_counter() - tic) / (10 * draws)
 
 
+def _free_kernel(lib, name: str, plan, B: int, *tensors) -> None:
+    """A stand-in for the kernel's calls that costs (almost) nothing: the solve returns its
+    input, the adjoint its cotangent."""
+    if "forward" in name:
+        tensors[1].copy_(tensors[0])
+        tensors[2].zero_()
+    else:
+        tensors[2].copy_(tensors[1])
+
+
+def peak_gfma(repeats: int = 15) -> float:
+    """This core's float32 multiply-add rate (GFMA/s): a 1024 x 1024 matrix product, one
+    thread, median."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    (t,) = median_times([lambda: a @ b], repeats)
+    return 1024**3 / t / 1e9
+
+
+def kernel_cost(flow, points: int, repeats: int) -> tuple[float, int]:
+    """The kernel's forward (keeping the adjoint's store) + adjoint for ``points`` points,
+    called directly (seconds, median), and the multiply-adds of both (unpadded: the
+    network's own)."""
+    field = flow.field
+    lib = fused._library()
+    z = torch.randn(points, flow.dim, generator=torch.Generator().manual_seed(4))
+    grid = SOLVERS["warped_rk4"].grid(field, GRID["num_steps"], z)
+    plan = fused._plan(field, grid, True, torch.float32)
+    x, g = fused._state_rows(z, plan), fused._state_rows(torch.ones_like(z), plan)
+    y1, out, err = torch.empty_like(x), torch.empty_like(x), z.new_empty(points)
+    store = torch.empty(4 * plan.steps * points * plan.act)
+    sfx = fused._suffix(plan)
+
+    def both() -> None:
+        fused._run(lib, f"rk4_forward_{sfx}", plan, points, x, y1, err, store)
+        fused._run(lib, f"rk4_backward_{sfx}", plan, points, store, g, out)
+
+    (t,) = median_times([both], repeats)
+    rows = plan.ints[5:].reshape(-1, 8)
+    per_eval = int((rows[:, 0] * rows[:, 2]).sum())  # nin x nout of every unit
+    evals = 4 * plan.steps + 1, 4 * plan.steps  # the solve's, and the adjoint's
+    return t, per_eval * sum(evals) * points
+
+
 def leapfrog_table(flow, data: torch.Tensor, rounds: int, draws: int) -> list[dict]:
     mvn = dist.MultivariateNormal(data.mean(0), torch.cov(data.T))
     t = torch.linspace(-1, 1, 5)
@@ -127,17 +176,39 @@ def leapfrog_table(flow, data: torch.Tensor, rounds: int, draws: int) -> list[di
         flow_model = pif.reparam_flow_priors(make(flow.prior()))
         mvn_model = make(mvn)
 
-        times: dict[str, list[float]] = {"kernel": [], "pytorch": [], "mvn": []}
+        times: dict[str, list[float]] = {"kernel": [], "pytorch": [], "mvn": [], "free": []}
         for _ in range(rounds):
             times["kernel"].append(hmc_step_seconds(flow_model, True, draws, args))
             times["pytorch"].append(hmc_step_seconds(flow_model, False, draws, args))
             times["mvn"].append(hmc_step_seconds(mvn_model, True, draws, args))
+            real, fused._run = fused._run, _free_kernel
+            try:
+                times["free"].append(hmc_step_seconds(flow_model, True, draws, args))
+            finally:
+                fused._run = real
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         rows.append({"model": name, "kernel_ms": 1e3 * med["kernel"],
                      "pytorch_ms": 1e3 * med["pytorch"], "mvn_ms": 1e3 * med["mvn"],
+                     "free_kernel_ms": 1e3 * med["free"],
                      "kernel_over_mvn": med["kernel"] / med["mvn"],
                      "pytorch_over_mvn": med["pytorch"] / med["mvn"]})
     return rows
+
+
+def floor_rows(flow, leap: list[dict], repeats: int) -> dict:
+    """The least a flow prior's leapfrog step can cost here (see the module docstring)."""
+    peak = peak_gfma()
+    out = {"peak_gfma": peak, "rows": []}
+    for row, points in zip(leap, (1, 8)):
+        t, macs = kernel_cost(flow, points, repeats)
+        arith = macs / (peak * 1e9)
+        floor = row["free_kernel_ms"] / 1e3 + arith
+        out["rows"].append({"model": row["model"], "points": points,
+                            "kernel_direct_ms": 1e3 * t, "macs": macs,
+                            "kernel_gfma": macs / t / 1e9, "arithmetic_ms": 1e3 * arith,
+                            "floor_ms": 1e3 * floor,
+                            "floor_over_mvn": 1e3 * floor / row["mvn_ms"]})
+    return out
 
 
 def log_density_table(flow, data: torch.Tensor, repeats: int, rounds: int, draws: int
@@ -248,6 +319,15 @@ def main() -> None:
     for r in leap:
         print(f"{r['model']:>6}{r['kernel_ms']:>9.2f}{r['pytorch_ms']:>9.2f}{r['mvn_ms']:>8.2f}"
               f"{r['kernel_over_mvn']:>12.2f}{r['pytorch_over_mvn']:>13.2f}")
+    floor = floor_rows(flow, leap, repeats * 5)
+    print(f"   the floor (peak {floor['peak_gfma']:.0f} GFMA/s, float32 matmul, 1 thread): "
+          "step with a free kernel + the decode's and gradient's multiply-adds at that peak")
+    print(f"{'model':>6}{'free kernel':>13}{'kernel':>9}{'GFMA/s':>8}{'arith.':>8}{'floor':>8}"
+          f"{'floor/MVN':>11}")
+    for r, f in zip(leap, floor["rows"]):
+        print(f"{r['model']:>6}{r['free_kernel_ms']:>13.2f}{f['kernel_direct_ms']:>9.2f}"
+              f"{f['kernel_gfma']:>8.1f}{f['arithmetic_ms']:>8.2f}{f['floor_ms']:>8.2f}"
+              f"{f['floor_over_mvn']:>11.2f}")
 
     sizes = (1, 8, 64, 256, 1024) if a.quick else (1, 8, 32, 64, 128, 256, 512, 1024, 4096)
     batches = batch_table(flow, threads, max(3, repeats // 4), sizes)
@@ -257,7 +337,8 @@ def main() -> None:
         print(f"{r['points']:>7}{r['kernel_us']:>9.1f}{r['pytorch_us']:>9.1f}"
               f"{r['kernel_grad_us']:>13.1f}{r['pytorch_grad_us']:>14.1f}")
     write_results("fused", {"kernel": info, "train_steps": steps, "gradients": grads,
-                            "accuracy": acc, "leapfrog": leap, "batch": batches,
+                            "accuracy": acc, "leapfrog": leap, "floor": floor,
+                            "batch": batches,
                             "torch_threads_batch_table": threads}, a.quick)
 
 

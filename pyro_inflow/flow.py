@@ -301,9 +301,28 @@ class InflationaryFlow(nn.Module):
                 f"inference (reparam_flow_priors, latent_nuts) or encode/decode, or "
                 f"full_rank=True for the full-rank model's density")
 
+    def _state_maps(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(root, mean, to, back)``: ``root = sqrt(lam + gamma0)`` ``(D,)``, the standardizer
+        of ``w(0)``, and the basis and that standardizer folded into one matrix each way,
+        ``w(0) = (x - mean) @ to`` and ``x = mean + w(0) @ back`` (``(D, D)``). Kept until a
+        buffer or ``gamma0`` changes: every decode of a prior needs them, and folded they are
+        one operator instead of four, forward and backward."""
+        b, lam = self.basis, self.field.lam
+        key = (self.schedule.gamma0, *((t.data_ptr(), t._version, t.dtype, t.device)
+                                       for t in (lam, b.mean, b.W, b.scale)))
+        hit = self.__dict__.get("_state_cache")
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                zero = torch.zeros((), dtype=lam.dtype, device=lam.device)
+                root = torch.sqrt(self.schedule.sigma(zero, lam))
+                factor = b.scale * root
+                maps = (root, b.mean, b.W / factor, (b.W * factor).T.contiguous())
+            hit = self.__dict__["_state_cache"] = (key, maps)
+        return hit[1]
+
     def _sigma0_root(self) -> Tensor:
-        zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        return torch.sqrt(self.schedule.sigma(zero, self.field.lam))
+        """``sqrt(lam + gamma0)`` ``(D,)``, the standardizer of ``w(0)``."""
+        return self._state_maps()[0]
 
     def to_state(self, x: Tensor) -> Tensor:
         """The standardized state ``w(0) = u / sqrt(lam + gamma0)`` of data ``x``, where the
@@ -312,11 +331,15 @@ class InflationaryFlow(nn.Module):
         return self.computing_in(x.dtype)._to_state(x)
 
     def _to_state(self, x: Tensor) -> Tensor:
-        return self.basis.to_eigen(x) / self._sigma0_root()
+        _, mean, to, _ = self._state_maps()
+        return (x - mean) @ to
 
     def from_state(self, w: Tensor) -> Tensor:
         """Data ``x`` of a standardized state ``w(0)``: ``(*, D) -> (*, D)`` (no solve)."""
-        return self.basis.from_eigen(w * self._sigma0_root())
+        _, mean, _, back = self._state_maps()
+        if w.dim() == 2:
+            return torch.addmm(mean, w, back)
+        return mean + w @ back
 
     def _solve(self, w: Tensor, t0: float, t1: float,
                **solver: object) -> tuple[Tensor, Tensor | None, SolveInfo]:

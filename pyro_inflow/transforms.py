@@ -203,18 +203,17 @@ class InflationaryFlowTransform(Transform):
         dtype = torch.promote_types(value.dtype, self.flow.dtype)
         value = value.to(dtype=dtype, device=self.flow.device)
         finite = None
-        if value.numel():
+        if value.numel() and not bool(torch.isfinite(value).all()):  # one check when all are
             ok = torch.isfinite(value).all(-1)
-            if not bool(ok.all()):
-                if self.validating():
-                    bad = (~ok).reshape(-1).nonzero()
-                    raise ValueError(
-                        f"InflationaryFlowTransform: expected finite {what} values, got NaN or "
-                        f"Inf in {len(bad)} point(s) (first at flat index {int(bad[0])}); with "
-                        f"validation off (validate_args=False, pyro.enable_validation(False), "
-                        f"HMC/NUTS warm-up) they give NaN, which samplers count as divergent")
-                finite = ok
-                value = torch.where(ok.unsqueeze(-1), value, torch.zeros_like(value))
+            if self.validating():
+                bad = (~ok).reshape(-1).nonzero()
+                raise ValueError(
+                    f"InflationaryFlowTransform: expected finite {what} values, got NaN or "
+                    f"Inf in {len(bad)} point(s) (first at flat index {int(bad[0])}); with "
+                    f"validation off (validate_args=False, pyro.enable_validation(False), "
+                    f"HMC/NUTS warm-up) they give NaN, which samplers count as divergent")
+            finite = ok
+            value = torch.where(ok.unsqueeze(-1), value, torch.zeros_like(value))
         return self.flow.computing_in(dtype), value, finite
 
     def restore(self, result: Tensor, value: Tensor, finite: Tensor | None,
@@ -222,7 +221,7 @@ class InflationaryFlowTransform(Transform):
         """``result`` (``(*)`` or ``(*, k)``) of ``value`` ``(*, n)``, with NaN where
         ``finite`` (``(*)``) is false; with ``watch``, finite values whose result overflowed
         are counted in ``flow.prior_watch`` (one warning per flow)."""
-        if watch:
+        if watch and not bool(torch.isfinite(result.detach()).all()):
             overflow = ~torch.isfinite(result.detach().reshape(*value.shape[:-1], -1)).all(-1)
             if finite is not None:
                 overflow = overflow & finite

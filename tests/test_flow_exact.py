@@ -33,6 +33,25 @@ def test_gaussian_encode_is_pca_whitening(schedule, d):
     assert info.nfe <= 50  # at rest: dopri5 only grows its step, x10 a step
 
 
+def test_the_standardizing_maps_follow_changes_to_the_basis():
+    """to_state/from_state fold the basis and sqrt(lam + gamma0) into one matrix, cached: an
+    in-place change of a buffer must reach them (against the unfolded closed form)."""
+    flow = gaussian_flow()
+    x = torch.tensor([[0.3, -0.8, 1.7], [1.0, 0.0, 2.5]], dtype=torch.float64)
+
+    def closed_form():
+        b = flow.basis
+        return b.to_eigen(x) / torch.sqrt(flow.field.lam + flow.schedule.gamma0)
+
+    assert torch.allclose(flow.to_state(x), closed_form(), atol=1e-14)
+    with torch.no_grad():
+        flow.basis.mean.add_(0.5)
+        flow.basis.scale.mul_(1.5)
+    assert torch.allclose(flow.to_state(x), closed_form(), atol=1e-14)
+    assert torch.allclose(flow.from_state(flow.to_state(x)), x, atol=1e-13)
+    assert torch.allclose(flow.from_state(flow.to_state(x[None]))[0], x, atol=1e-13)
+
+
 def test_gaussian_encode_tends_to_u_over_sqrt_lam_as_gamma0_vanishes():
     """The issue's form z = u / sqrt(lam) holds to 1e-6 only when gamma0 << 1e-6 lam."""
     x = torch.distributions.MultivariateNormal(torch.zeros(3), COV3).sample((100,))

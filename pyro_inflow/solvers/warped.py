@@ -174,8 +174,11 @@ class WarpedRK4:
                 fast = fused_warped_rk4(field, y0, grid, t0 > t1, logdet=True)
             y1, err = fast if fast is not None else warped_rk4(func, y0, grid, t0 > t1)
             nfe += 4 * steps + 1
+            error = float(err.max()) if err.numel() else 0.0
             if options["nonfinite"] == "return":  # rows that overflowed carry no estimate
-                err = torch.where(torch.isfinite(err), err, 0.0)
+                if not math.isfinite(error):
+                    err = torch.where(torch.isfinite(err), err, 0.0)
+                    error = float(err.max())
             elif not torch.isfinite(y1).all():
                 # rare path: solve again, watching every evaluation, to say where it went wrong
                 counted = Counted(func, y0, (t0, t1))
@@ -183,7 +186,6 @@ class WarpedRK4:
                     warped_rk4(counted, y0.detach(), grid, backward=t0 > t1)
                 raise nonfinite(counted, t0, t1,
                                 "check the denoiser and the input for extreme values")
-            error = float(err.max()) if err.numel() else 0.0
             if error <= rtol:
                 break
             if fixed is not None or 2 * steps > WARPED_MAX_STEPS:
