@@ -1,6 +1,7 @@
 """The compiled warped-RK4 kernel against the PyTorch path it replaces (same numbers)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -271,3 +272,33 @@ def test_a_broken_cache_file_is_rebuilt_not_trusted(tmp_path, monkeypatch):
     path.write_bytes(b"not a shared library")
     lib = fused._build()
     assert lib.pyro_inflow_kernel_version() == fused._VERSION and os.path.getsize(path) > 1000
+
+
+@needs_kernel
+def test_a_compiler_that_refuses_the_cpu_flags_still_builds_the_kernel(tmp_path, monkeypatch):
+    """A compiler without ``-march=native`` or ``-mprefer-vector-width`` (another architecture,
+    an old gcc): the next flag set in turn, down to none, and the same numbers."""
+    real = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    wrapper = tmp_path / "picky-cc"
+    wrapper.write_text("#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in -march=*|-mprefer-*) "
+                       "echo \"picky-cc: unknown option $a\" >&2; exit 1;; esac; done\n"
+                       f"exec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    flow = perturbed_flow(hidden=16, depth=1)
+    z = torch.randn(3, 2, dtype=torch.float32, generator=torch.Generator().manual_seed(5))
+    x_ref, g_ref, _ = decode_and_grad(flow, z, True)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("PYRO_INFLOW_CACHE", str(tmp_path / "cache"))
+    saved = dict(fused._state)
+    fused._state.update(lib=None, tried=False, reason=None, path=None)
+    fused._plans.clear()
+    try:
+        assert fused.kernel_info()["backend"] == "c", fused.kernel_info()
+        assert str(tmp_path / "cache") in fused.kernel_info()["path"]
+        x, g, _ = decode_and_grad(flow, z, True)
+    finally:
+        fused._state.clear()
+        fused._state.update(saved)
+        fused._plans.clear()
+    torch.testing.assert_close(x, x_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(g, g_ref, atol=2e-5, rtol=1e-5)
