@@ -249,17 +249,16 @@ int FN(rk4_forward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *y
     REAL *y = x + S, *e = y + S, *vals = e + S, *a = vals + A, *out = a + W;
     REAL h = net.h;
     for (int64_t i = 0; i < S; i++) { y[i] = y0[i]; e[i] = 0; }
-#define SLOT(q) vals
 #define DSLOT(q) (store ? store + (q) * A : NULL)
-    FN(eval)(&net, 0, B, y, k1, SLOT(0), DSLOT(0), a, out);
+    FN(eval)(&net, 0, B, y, k1, vals, DSLOT(0), a, out);
     for (int64_t n = 0; n < net.N; n++) {
         int64_t s0 = 3 * n;
         for (int64_t i = 0; i < S; i++) x[i] = y[i] + (REAL)0.5 * h * k1[i];
-        FN(eval)(&net, s0 + 1, B, x, k2, SLOT(4 * n + 1), DSLOT(4 * n + 1), a, out);
+        FN(eval)(&net, s0 + 1, B, x, k2, vals, DSLOT(4 * n + 1), a, out);
         for (int64_t i = 0; i < S; i++) x[i] = y[i] + (REAL)0.5 * h * k2[i];
-        FN(eval)(&net, s0 + 1, B, x, k3, SLOT(4 * n + 2), DSLOT(4 * n + 2), a, out);
+        FN(eval)(&net, s0 + 1, B, x, k3, vals, DSLOT(4 * n + 2), a, out);
         for (int64_t i = 0; i < S; i++) x[i] = y[i] + h * k3[i];
-        FN(eval)(&net, s0 + 2, B, x, k4, SLOT(4 * n + 3), DSLOT(4 * n + 3), a, out);
+        FN(eval)(&net, s0 + 2, B, x, k4, vals, DSLOT(4 * n + 3), a, out);
         for (int64_t i = 0; i < S; i++)
             y[i] = y[i] + (h / 6) * (k1[i] + 2 * k2[i] + 2 * k3[i] + k4[i]);
         int last = n + 1 == net.N;
@@ -271,7 +270,6 @@ int FN(rk4_forward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *y
         }
         REAL *t = k1; k1 = k5; k5 = t;
     }
-#undef SLOT
 #undef DSLOT
     for (int64_t b = 0; b < B; b++) {
         REAL acc = 0;
