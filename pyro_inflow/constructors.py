@@ -26,10 +26,12 @@ from .calibration.certificate import (
     certificate_summary,
     check_certificate,
     holdout_certificate,
+    recalibrate_latent,
     warn_failed_certificate,
 )
 from .denoisers import DENOISERS, EmpiricalDenoiser, GaussianMixtureDenoiser, check_mixture
 from .draws import SiteLayout, as_draws, is_draws
+from .radial import RadialMap
 from .schedule import SCHEDULE_OPTIONS, InflationSchedule
 from .training import TrainConfig, Trainer, TrainingDiverged, TrainState, split
 
@@ -78,6 +80,9 @@ def fit_flow(cls: type[InflationaryFlow], data: Tensor, schedule: str,
     settings = dict(settings)
     options = {k: settings.pop(k) for k in SCHEDULE_OPTIONS if k in settings}
     shrinkage = settings.pop("shrinkage", None)
+    recalibrate = settings.pop("recalibrate", True)
+    if not isinstance(recalibrate, bool):
+        raise TypeError(f"recalibrate: expected True or False, got {recalibrate!r}")
     config = TrainConfig.from_settings(settings)
     check_positive_int(checkpoint_every, "checkpoint_every")
     gen = torch.Generator().manual_seed(config.seed)
@@ -118,9 +123,12 @@ def fit_flow(cls: type[InflationaryFlow], data: Tensor, schedule: str,
     flow.history, flow.sites = history, layout
     if len(val_idx):  # every rank computes it (the same numbers); rank 0 says it
         dev = denoiser.lam.device
-        flow.certificate = holdout_certificate(flow, x[val_idx].to(dtype).to(dev),
-                                               x[train_idx].to(dtype).to(dev),
-                                               seed=config.seed)
+        heldout = x[val_idx].to(dtype).to(dev)
+        cert = holdout_certificate(flow, heldout, x[train_idx].to(dtype).to(dev),
+                                   seed=config.seed)
+        if recalibrate and not cert["passed"]:
+            cert = recalibrate_latent(flow, heldout, cert, seed=config.seed)
+        flow.certificate = cert
         if trainer.rank == 0:
             if progress:
                 print(certificate_summary(flow.certificate), file=sys.stderr)
@@ -166,6 +174,7 @@ def save_flow(flow: InflationaryFlow, path: str | os.PathLike, metadata: dict | 
         "metadata": dict(metadata or {}),
         "certificate": flow.certificate,
         "sites": None if flow.sites is None else flow.sites.config(),
+        "radial": None if flow.radial is None else flow.radial.config(),
     })
 
 
@@ -183,6 +192,12 @@ def load_flow(cls: type[InflationaryFlow], path: str | os.PathLike,
         den = DENOISERS[spec["type"]].from_saved(sched, basis.lam, spec["config"],
                                                  spec["state"])
         flow = cls(basis, den.to(dtype))
+        radial = record.get("radial")
+        if radial is not None:
+            if not isinstance(radial, dict) or radial.get("dim") != flow.latent_dim:
+                raise ValueError(f"radial map {radial!r} for a {flow.latent_dim}-D latent")
+            flow.radial = RadialMap(radial["c"], radial["b"], radial["s"], radial["dim"],
+                                    dtype=dtype)
         for name, value in flow.state_dict().items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise ValueError(f"non-finite values in {name}")

@@ -79,6 +79,9 @@ class InflationaryFlow(nn.Module):
         history: the training history (:meth:`fit`), else ``None``.
         certificate: the held-out calibration check made by :meth:`fit` (saved with the flow;
             see :func:`pyro_inflow.calibration.holdout_certificate`), else ``None``.
+        radial: the latent's radial recalibration (a :class:`~pyro_inflow.radial.RadialMap`,
+            saved with the flow), which :meth:`fit` fits on its held-out split when the flow
+            fails its check there (``recalibrate=False`` turns it off), else ``None``.
         sites: for a flow fitted to posterior draws, the :class:`~pyro_inflow.draws.SiteLayout`
             of its named sites (saved with the flow; :func:`pyro_inflow.sample_sites`), else
             ``None``.
@@ -104,6 +107,9 @@ class InflationaryFlow(nn.Module):
             )
         self.basis = basis
         self.field = PFODEField(denoiser, basis.lam.clone())
+        #: the latent's radial recalibration (:mod:`pyro_inflow.radial`), or ``None``: the
+        #: latent is ``z = radial(w_kept)`` of the kept coordinates of ``w(T)``
+        self.register_module("radial", None)
         self.history: dict | None = None
         self.certificate: dict | None = None
         self.sites: SiteLayout | None = None
@@ -192,8 +198,11 @@ class InflationaryFlow(nn.Module):
         last ``validation_fraction`` of every chain); the eigen-basis and the schedule come
         from the training split, and a :class:`~pyro_inflow.denoisers.PreconditionedDenoiser`
         is trained on it (:mod:`pyro_inflow.training`). After training the flow checks its
-        latent coverage on the held-out split (``flow.certificate``, saved with the flow); a
-        flow that fails the check warns, here and when it first becomes a prior.
+        latent coverage on the held-out split (``flow.certificate``, saved with the flow). A
+        flow that fails it gets a radial recalibration of its latent fitted on those points
+        (``flow.radial``, :func:`~pyro_inflow.calibration.recalibrate_latent`; the setting
+        ``recalibrate=False`` turns it off), and the certificate then judges the result,
+        cross-fitted; a flow that still fails warns, here and when it first becomes a prior.
 
         Args:
             data: ``(n, D)`` floating array or tensor of samples, finite, ``n >= D + 2``; or
@@ -225,7 +234,8 @@ class InflationaryFlow(nn.Module):
             **settings: schedule options (``inflation_gap``, ``gamma0``, ``rho``, ``t_max``,
                 ``tol``; see :class:`~pyro_inflow.InflationSchedule`), ``shrinkage`` of the
                 covariance that defines the basis (``None``, ``"ledoit_wolf"`` or a weight in
-                ``[0, 1]``, see :meth:`~pyro_inflow.basis.EigenBasis.from_data`), and training
+                ``[0, 1]``, see :meth:`~pyro_inflow.basis.EigenBasis.from_data`),
+                ``recalibrate`` (default ``True``, see above), and training
                 settings (fields of :class:`~pyro_inflow.training.TrainConfig`: ``steps``,
                 ``batch_size``, ``lr``, ``patience``, ``seed``, ...).
 
@@ -362,12 +372,14 @@ class InflationaryFlow(nn.Module):
     def encode(self, x: Tensor, *, return_info: bool = False,
                batch_size: int | None = DEFAULT_BATCH,
                **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
-        """Latent ``z`` of data ``x``: ``(*, D) -> (*, d)`` (inflation, ``t: 0 -> T``).
+        """Latent ``z`` of data ``x``: ``(*, D) -> (*, d)`` (inflation, ``t: 0 -> T``): the kept
+        coordinates of the end state ``w(T)``, through :attr:`radial` where ``fit`` recalibrated
+        the latent.
 
         ``batch_size`` rows are solved at a time (``None``: all at once); see the class
         docstring for what that changes."""
         w, info = self.encode_full(x, return_info=True, batch_size=batch_size, **solver)
-        z = w[..., self.schedule.kept]
+        z = self.computing_in(w.dtype)._latent_of_state(w)
         return (z, info) if return_info else z
 
     def decode(
@@ -398,6 +410,8 @@ class InflationaryFlow(nn.Module):
                     generator: torch.Generator | None = None) -> Tensor:
         """The full state ``w(T)`` ``(*, D)`` of latent ``z`` ``(*, d)``: the compressed
         coordinates of a PR-reducing flow are zeros or ``N(0, sd^2)`` draws (``fill``)."""
+        if self.radial is not None:
+            z = self.radial.inverse(z)
         extra = self.dim - self.latent_dim
         if not extra:
             return z
@@ -406,12 +420,41 @@ class InflationaryFlow(nn.Module):
                 if sd > 0 else z.new_zeros(shape))
         return torch.cat([z, rest], dim=-1)
 
+    def _latent_of_state(self, w: Tensor, full_rank: bool = False) -> Tensor:
+        """The latent of a full state ``w(T)`` ``(*, D)``: its kept coordinates ``(*, d)``
+        through :attr:`radial`; with ``full_rank``, ``(*, D)``, the compressed ones as
+        they are."""
+        kept = w[..., self.schedule.kept]
+        z = kept if self.radial is None else self.radial(kept)
+        if not full_rank or self.latent_dim == self.dim:
+            return z
+        return torch.cat([z, w[..., self.latent_dim:]], dim=-1)
+
+    def _state_of_latent(self, z: Tensor, full_rank: bool = False) -> Tensor:
+        """The inverse of :meth:`_latent_of_state` (without ``full_rank``, the compressed
+        coordinates are zeros)."""
+        if not full_rank:
+            return self._full_state(z)
+        if self.radial is None:
+            return z
+        d = self.latent_dim
+        return torch.cat([self.radial.inverse(z[..., :d]), z[..., d:]], dim=-1)
+
+    def _radial_logdet(self, w: Tensor) -> Tensor | float:
+        """``log |det dz/dw|`` ``(*)`` of the latent's radial map at full states ``w``
+        ``(*, D)`` (``0.0`` without one)."""
+        if self.radial is None:
+            return 0.0
+        return self.radial.log_abs_det(w[..., self.schedule.kept])
+
     def decode_full(self, w: Tensor, *, return_info: bool = False,
                     batch_size: int | None = DEFAULT_BATCH,
                     **solver: object) -> Tensor | tuple[Tensor, SolveInfo]:
         """Data ``x`` of a full standardized state ``w(T)``: ``(*, D) -> (*, D)``.
 
-        The inverse of :meth:`encode_full`; for PR-preserving flows the same as :meth:`decode`.
+        The inverse of :meth:`encode_full`; for PR-preserving flows the same as :meth:`decode`
+        unless the latent is recalibrated (:attr:`radial`: ``decode(z)`` is
+        ``decode_full(radial.inverse(z))``).
         """
         w = self.check_points(w, "w")
         x, info = map_rows(self.computing_in(w.dtype)._decode_full, w, batch_size, **solver)
@@ -519,8 +562,9 @@ class InflationaryFlow(nn.Module):
     def _log_prob(self, x: Tensor, **solver: object) -> tuple[Tensor, SolveInfo]:
         wT, logdet, info = self._solve(self._to_state(x), 0.0, self.schedule.t_max, logdet=True,
                                        **solver)
-        log_normal = -0.5 * (wT.square().sum(-1) + self.dim * math.log(2 * math.pi))
-        return log_normal + logdet - self._affine_logdet(), info
+        z = self._latent_of_state(wT, full_rank=True)  # wT itself without a radial map
+        log_normal = -0.5 * (z.square().sum(-1) + self.dim * math.log(2 * math.pi))
+        return log_normal + self._radial_logdet(wT) + logdet - self._affine_logdet(), info
 
     def prior(self, *, full_rank: bool = False, **options: object) -> InflationaryFlowPrior:
         """This flow as a Pyro prior: an :class:`~pyro_inflow.InflationaryFlowPrior`.

@@ -238,7 +238,7 @@ class InflationaryFlowTransform(Transform):
         flow, z, finite = self.checked(z, latent=True)
         if not z.numel():
             return z.new_zeros(self.forward_shape(z.shape))
-        w = z if self.full_rank else flow._full_state(z)
+        w = flow._state_of_latent(z, self.full_rank)
         x, info = flow._decode_full(w, **self._solver)
         self.record(info)
         return self.restore(x, z, finite)
@@ -249,7 +249,7 @@ class InflationaryFlowTransform(Transform):
             return x.new_zeros(self.inverse_shape(x.shape))
         w, info = flow._encode_full(x, **self._solver)
         self.record(info)
-        return self.restore(w if self.full_rank else w[..., self.flow.schedule.kept], x, finite)
+        return self.restore(flow._latent_of_state(w, self.full_rank), x, finite)
 
     def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``x = t(z)`` and ``log |det dx/dz|`` ``(*)`` in one augmented solve.
@@ -287,7 +287,10 @@ class InflationaryFlowTransform(Transform):
         flow, z, finite = self.checked(z, latent=True)
         if not z.numel():
             return z.new_zeros(self.forward_shape(z.shape)), z.new_zeros(z.shape[:-1])
-        x, ladj, info = flow._decode_with_logdet(z, **self.solver_options(trace=True))
+        w = flow._state_of_latent(z, full_rank=True)  # z itself without a radial map
+        x, ladj, info = flow._decode_with_logdet(w, **self.solver_options(trace=True))
+        if flow.radial is not None:  # d x / d z = (d x / d w)(d w / d z)
+            ladj = ladj - flow._radial_logdet(w)
         self.record(info)
         # one watch per solve: the decode's overflow is the log-determinant's
         return self.restore(x, z, finite), self.restore(ladj, z, finite, watch=False)

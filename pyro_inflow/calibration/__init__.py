@@ -9,7 +9,7 @@
 * :mod:`~pyro_inflow.calibration.plots`: its figures.
 """
 
-from .certificate import certificate_table, holdout_certificate
+from .certificate import certificate_table, holdout_certificate, recalibrate_latent
 from .coverage import LEVELS, interval_coverage, latent_coverage, roundtrip_error
 from .plots import plot_calibration
 from .regions import credible_regions
@@ -17,4 +17,5 @@ from .report import calibration_table, flow_calibration, identifiability, report
 
 __all__ = ["LEVELS", "calibration_table", "certificate_table", "credible_regions",
            "flow_calibration", "holdout_certificate", "identifiability", "interval_coverage",
-           "latent_coverage", "plot_calibration", "report_json", "roundtrip_error"]
+           "latent_coverage", "plot_calibration", "recalibrate_latent", "report_json",
+           "roundtrip_error"]

@@ -6,8 +6,12 @@ solver (``warped_rk4``, 12 steps) and stores the latent coverage as ``flow.certi
 flow file carries it. The same check on as many *training* points shows overfitting: a flow
 that memorized its training points encodes them closer to the origin than new ones.
 
-A flow whose certificate fails warns once when it is trained and once when it first becomes a
-prior (:class:`~pyro_inflow.InflationaryFlowPrior`).
+When the check fails, ``fit`` recalibrates the latent on the same points
+(:func:`recalibrate_latent`: a radial map, :mod:`pyro_inflow.radial`) and the certificate then
+describes the recalibrated flow, its coverage *cross-fitted* (each half of the points judged
+by a map fitted on the other half, so no point judges a map it fitted), with the check before
+it kept under ``"recalibration"``. A flow whose certificate still fails warns once when it is
+trained and once when it first becomes a prior (:class:`~pyro_inflow.InflationaryFlowPrior`).
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..radial import fit_radial_map
 from ..solvers import SolverError
 from .coverage import FLAG_SIGMAS, LEVELS, latent_coverage
 
 if TYPE_CHECKING:  # calibration sits above the flow and never imports it at run time
     from ..flow import InflationaryFlow
 
-__all__ = ["holdout_certificate", "certificate_table", "warn_failed_certificate",
-           "check_certificate", "CERTIFICATE_SOLVER", "MAX_CERTIFICATE_POINTS"]
+__all__ = ["holdout_certificate", "recalibrate_latent", "certificate_table",
+           "warn_failed_certificate", "check_certificate", "CERTIFICATE_SOLVER",
+           "MAX_CERTIFICATE_POINTS"]
 
 #: The solver of the check: the prior's default grid (what inference will use).
 CERTIFICATE_SOLVER = {"method": "warped_rk4", "num_steps": 12}
@@ -35,10 +41,10 @@ FALLBACK_SOLVER = {"method": "dopri5", "rtol": 1e-5}
 MAX_CERTIFICATE_POINTS = 10_000
 
 
-def _coverage_of(flow: InflationaryFlow, x: torch.Tensor, seed: int,
-                 solver: dict) -> tuple[dict, dict]:
-    """Latent coverage of ``x`` plus ``t = 0`` noise; the prior's grid, or ``dopri5`` where that
-    grid is too coarse for this flow (the returned solver says which)."""
+def _latents_of(flow: InflationaryFlow, x: torch.Tensor, seed: int,
+                solver: dict) -> tuple[torch.Tensor, dict]:
+    """Latents of ``x`` plus ``t = 0`` noise; the prior's grid, or ``dopri5`` where that grid
+    is too coarse for this flow (the returned solver says which)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     xn = flow.add_t0_noise(x, generator=gen)
     with torch.no_grad():
@@ -47,6 +53,13 @@ def _coverage_of(flow: InflationaryFlow, x: torch.Tensor, seed: int,
         except SolverError:
             solver = FALLBACK_SOLVER
             z = flow.encode(xn, **solver)
+    return z, solver
+
+
+def _coverage_of(flow: InflationaryFlow, x: torch.Tensor, seed: int,
+                 solver: dict) -> tuple[dict, dict]:
+    """Latent coverage of ``x`` plus ``t = 0`` noise (see :func:`_latents_of`)."""
+    z, solver = _latents_of(flow, x, seed, solver)
     return latent_coverage(z, LEVELS), solver
 
 
@@ -86,6 +99,51 @@ def holdout_certificate(flow: InflationaryFlow, heldout: torch.Tensor,
     return cert
 
 
+_CHECK_KEYS = ("levels", "coverage", "stderr", "z", "max_abs_error", "ks", "ks_pvalue",
+               "verdict", "n", "d")
+
+
+def recalibrate_latent(flow: InflationaryFlow, heldout: torch.Tensor, cert: dict, *,
+                       seed: int = 0) -> dict:
+    """Give ``flow`` a radial map of its latent fitted on ``heldout`` (the points of ``cert``,
+    a failed check) and return the recalibrated flow's certificate.
+
+    The map (:func:`~pyro_inflow.radial.fit_radial_map`) makes the spread of the held-out
+    points' squared latent radii chi-square(d)'s. The returned certificate's coverage is
+    cross-fitted: the even-numbered points are judged by a map fitted on the odd-numbered ones
+    and the other way round. ``cert["recalibration"]`` keeps the map (``c``, ``b``, ``s``,
+    ``dim``) and the check ``before`` it; where no map fits (too few points, or a spread out
+    of the family's reach) the flow is left alone and ``cert`` comes back with
+    ``"recalibration": {"applied": False, "reason": ...}``.
+
+    Args:
+        flow: a flow without a radial map.
+        heldout: the points ``(m, D)`` ``cert`` was measured on.
+        cert: their certificate (:func:`holdout_certificate`).
+        seed: the seed of the ``t = 0`` noise the check used.
+    """
+    if flow.radial is not None:
+        raise ValueError("recalibrate_latent: this flow's latent is already recalibrated")
+    heldout = flow.check_points(heldout, "heldout")[:MAX_CERTIFICATE_POINTS]
+    solver = {k: v for k, v in cert["solver"].items() if k != "note"}
+    z, _ = _latents_of(flow, heldout, seed, solver)
+    z = z.double()
+    r2, d = z.square().sum(-1), z.shape[-1]
+    even = torch.arange(len(z)) % 2 == 0
+    try:
+        crossed = torch.cat([fit_radial_map(r2[fit], d, dtype=torch.float64)(z[judge])
+                             for fit, judge in ((even, ~even), (~even, even))])
+        radial = fit_radial_map(r2, d, dtype=flow.dtype)
+    except ValueError as err:
+        return {**cert, "recalibration": {"applied": False, "reason": str(err)}}
+    flow.radial = radial.to(flow.device)
+    cov = latent_coverage(crossed, LEVELS)
+    before = {k: cert[k] for k in _CHECK_KEYS}
+    return {**cert, **{k: cov[k] for k in _CHECK_KEYS if k != "n"},
+            "passed": cov["verdict"] == "calibrated",
+            "recalibration": {"applied": True, **radial.config(), "before": before}}
+
+
 def check_certificate(cert: object) -> dict | None:
     """A certificate read from a file, checked: ``None`` stays ``None``.
 
@@ -102,7 +160,10 @@ def check_certificate(cert: object) -> dict | None:
               and isinstance(cert["max_abs_error"], float)
               and all(isinstance(cert[k], list) and len(cert[k]) == len(cert["levels"]) > 0
                       and all(isinstance(v, float) for v in cert[k]) for k in lists))
-    except (KeyError, TypeError):
+        recal = cert.get("recalibration")
+        ok = ok and (recal is None or (isinstance(recal, dict)
+                                       and isinstance(recal.get("applied"), bool)))
+    except (KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
         raise ValueError("certificate: not a held-out certificate of pyro_inflow")
@@ -127,9 +188,14 @@ def certificate_summary(cert: dict) -> str:
     gap = cert.get("overfit_gap")
     gap_text = "" if gap is None else f", training minus held-out coverage {gap:+.3f}"
     verdict = "passed" if cert["passed"] else f"FAILED ({cert['verdict']})"
+    recal = cert.get("recalibration") or {}
+    recal_text = ("" if not recal.get("applied") else
+                  f"; after a radial recalibration of the latent on these points, cross-fitted "
+                  f"(before it: {recal['before']['verdict']}, "
+                  f"{recal['before']['max_abs_error']:.3f})")
     return (f"held-out certificate: {verdict}, largest |coverage - nominal| "
             f"{cert['max_abs_error']:.3f} on {cert['n']:,} held-out points (flagged past "
-            f"{FLAG_SIGMAS:g} s.e.){gap_text}")
+            f"{FLAG_SIGMAS:g} s.e.){recal_text}{gap_text}")
 
 
 def warn_failed_certificate(flow: InflationaryFlow, where: str) -> None:
@@ -146,8 +212,10 @@ def warn_failed_certificate(flow: InflationaryFlow, where: str) -> None:
     direction = ("held-out points fall outside its regions too often: the prior is too narrow"
                  if cert["verdict"] == "under-covers" else
                  "held-out points fall inside its regions too often: the prior is too wide")
+    recal = " (after recalibrating its latent there)" if (
+        cert.get("recalibration") or {}).get("applied") else ""
     warnings.warn(
-        f"{where}: this flow failed its held-out calibration check ({cert['verdict']}: "
+        f"{where}: this flow failed its held-out calibration check{recal} ({cert['verdict']}: "
         f"{cert['coverage'][worst]:.3f} of {cert['n']} held-out points inside the "
         f"{cert['levels'][worst]:.0%} region); {direction}. Train on more samples, or a "
         f"smaller network (hidden=64, depth=2) with early stopping (patience=4, the default); "
