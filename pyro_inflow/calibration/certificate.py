@@ -173,8 +173,11 @@ def check_certificate(cert: object) -> dict | None:
 def certificate_table(cert: dict) -> str:
     """A readable table of a certificate (what ``pyro-inflow train`` and ``calibrate`` print)."""
     train = cert.get("train_coverage")
+    recalibrated = (cert.get("recalibration") or {}).get("applied")
+    # after a recalibration, the training column is the flow's before it ("raw")
     lines = [f"{'level':>6}{'held-out':>10}{'s.e.':>8}{'z':>7}"
-             + (f"{'training':>10}" if train else "")]
+             + (f"{'raw train' if recalibrated else 'training':>10}"
+                if train else "")]
     for k, level in enumerate(cert["levels"]):
         row = (f"{level:>6.2f}{cert['coverage'][k]:>10.4f}{cert['stderr'][k]:>8.4f}"
                f"{cert['z'][k]:>7.1f}")
