@@ -38,6 +38,7 @@ from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO, autoguide
 from pyro.infer.mcmc.api import _MultiSampler, _Worker
 from pyro.infer.reparam import TransformReparam
+from pyro.poutine.util import site_is_subsample
 
 from ._progress import tqdm
 from .distributions import InflationaryFlowPrior, enclosing_conditions
@@ -240,7 +241,7 @@ def latent_nuts(
     progress: bool = True,
     target_accept_prob: float = 0.8,
     max_tree_depth: int = 10,
-    full_mass: bool = True,
+    full_mass: bool | None = None,
     init_strategy: Callable[[dict], torch.Tensor] | None = None,
     parallel: bool | None = None,
     centered: bool = False,
@@ -260,12 +261,17 @@ def latent_nuts(
         max_tree_depth: NUTS's largest tree depth (at most ``2**max_tree_depth`` leapfrog
             steps per draw).
         full_mass: adapt a dense mass matrix over all latent sites (Pyro's ``full_mass``)
-            instead of a diagonal one. The default, because a flow's latent posterior is
-            correlated wherever the likelihood couples coordinates the decode mixes: on the
-            moons problem it kept every chain's step size within 2x of the others (diagonal:
+            instead of a diagonal one. ``None`` (default): dense when the latent has at most
+            ``warmup_steps / 10`` coordinates, else diagonal. Dense helps where the warm-up
+            can estimate it, because a flow's latent posterior is correlated wherever the
+            likelihood couples coordinates the decode mixes: on the moons problem (2
+            coordinates) it kept every chain's step size within 2x of the others (diagonal:
             one chain of four adapted to a tenth of the rest) and gave 1.9 bulk ESS per second
-            against 0.4-1.1 over two seeds (``benchmarks/README.md``). Its cost grows as the
-            square of the latent size; pass ``False`` for latents of thousands.
+            against 0.4-1.1 over two seeds (``benchmarks/README.md``). A dense estimate from
+            fewer warm-up draws than a few per coordinate is worse than none: 8 digits in a
+            plate (512 coordinates, 100 warm-up steps) hit the tree-depth limit on every draw
+            and covered 56-66 % of the true pixels with 90 % intervals; diagonal: tree depth
+            6, 92 %, in half the time (``tutorials/05_digits_inverse_problem.ipynb``).
         init_strategy: a Pyro init strategy (default ``init_to_sample``: a draw from the
             latent's standard Normal, a typical point of the prior). ``init_to_value`` takes
             the data-space site (``{"x": ...}``, encoded) or the latent (``{"x_base": ...}``,
@@ -300,15 +306,17 @@ def latent_nuts(
     """
     if seed is not None:
         pyro.set_rng_seed(seed)
-    kernel = RecordingNUTS(model if centered else reparam_flow_priors(model),
-                           target_accept_prob=target_accept_prob,
+    target = model if centered else reparam_flow_priors(model)
+    warm = num_samples if warmup_steps is None else warmup_steps
+    if full_mass is None:
+        full_mass = _latent_size(target, args, kwargs) <= warm / 10
+    kernel = RecordingNUTS(target, target_accept_prob=target_accept_prob,
                            max_tree_depth=max_tree_depth, full_mass=full_mass,
                            init_strategy=init_strategy or pyro.infer.autoguide.init_to_sample)
     with warnings.catch_warnings():  # "Chains will be drawn sequentially": documented above
         warnings.filterwarnings("ignore", message="num_chains=", category=UserWarning)
-        mcmc = LatentMCMC(kernel, num_samples=num_samples,
-                    warmup_steps=num_samples if warmup_steps is None else warmup_steps,
-                    num_chains=num_chains, disable_progbar=not progress)
+        mcmc = LatentMCMC(kernel, num_samples=num_samples, warmup_steps=warm,
+                          num_chains=num_chains, disable_progbar=not progress)
     if _use_processes(num_chains, parallel):
         if isinstance(mcmc.sampler, _MultiSampler):  # Pyro's own (a core per chain spare)
             mcmc.sampler.terminate()  # stops the logging thread it started
@@ -322,6 +330,17 @@ def latent_nuts(
     if report["limited"]:
         warnings.warn(report["message"], UserWarning, stacklevel=2)
     return mcmc
+
+
+def _latent_size(model: Callable, args: tuple, kwargs: dict) -> int:
+    """The number of coordinates NUTS samples: the model traced once (without touching the
+    random state), its unobserved sample sites counted."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        trace = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(
+            *args, **kwargs)
+    return sum(site["value"].numel() for site in trace.nodes.values()
+               if site["type"] == "sample" and not site["is_observed"]
+               and not site_is_subsample(site))
 
 
 def _cores() -> int:
@@ -503,9 +522,10 @@ def sampler_geometry(mcmc: MCMC) -> dict:
               "about 3x the cost per step; on the hierarchical model of benchmarks/README.md "
               "it multiplied the step size by ten and removed the divergences)" if on_seam else
               "A flow is steep on the seams between modes of its data; try more warm-up "
-              "(warmup_steps), target_accept_prob=0.9 against divergences, full_mass=True "
-              "(latent_nuts's default), or start from an SVI fit (init_to_value with the "
-              "data-space site's values)")
+              "(warmup_steps), target_accept_prob=0.9 against divergences, a dense mass "
+              "matrix where the warm-up has 10 draws per latent coordinate (latent_nuts's "
+              "default; full_mass=False beyond), or start from an SVI fit (init_to_value "
+              "with the data-space site's values)")
     message = ("NUTS was limited by the posterior's geometry: "
                + "; ".join(problems) + ". " + advice) if problems else (
                "no sign that the posterior's geometry limited NUTS")
