@@ -128,6 +128,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         "hidden": a.hidden, "depth": a.depth, "patience": a.patience}.items() if v is not None}
     if settings.get("patience") == 0:
         settings["patience"] = None  # --patience 0: no early stopping
+    if a.no_recalibrate:
+        settings["recalibrate"] = False
     ckpt = a.checkpoint or f"{a.out}.ckpt"
     rank, world = init_distributed()  # torchrun --nproc-per-node N: data-parallel training
     tic = time.perf_counter()
@@ -330,6 +332,9 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=None, metavar="N",
                    help="early stopping: stop after N validation checks without improvement "
                         "and keep the best weights (default 4; 0 trains all steps)")
+    t.add_argument("--no-recalibrate", action="store_true",
+                   help="keep the latent as trained where the held-out check fails (default: "
+                        "a radial recalibration fitted on the held-out split)")
     t.add_argument("--checkpoint", default=None,
                    help="resumable checkpoint file (default FLOW.ckpt, removed on success)")
     t.add_argument("--checkpoint-every", type=int, default=1000)

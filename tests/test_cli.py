@@ -71,6 +71,19 @@ def test_prr_train_and_float64(trained, tmp_path):
     assert z.shape == (1000, 2) and z.dtype == np.float64
 
 
+def test_train_without_recalibration(tmp_path):
+    """--no-recalibrate: a flow that fails its held-out check keeps its latent as trained."""
+    data = tmp_path / "d.npy"
+    np.save(data, datasets.load("digits", seed=0)[:400].numpy())
+    common = ["--steps", "600", "--hidden", "64", "--depth", "2", "--batch-size", "128",
+              "--patience", "0", "--quiet"]
+    for flag, name in (([], "a.flow"), (["--no-recalibrate"], "b.flow")):
+        assert main(["train", str(data), "--out", str(tmp_path / name), *common, *flag]) == 0
+    a, b = (InflationaryFlow.load(tmp_path / n) for n in ("a.flow", "b.flow"))
+    assert a.radial is not None and a.certificate["recalibration"]["applied"]
+    assert b.radial is None and not b.certificate["passed"]
+
+
 def _bad_inputs(tmp_path):
     nan = np.random.default_rng(0).normal(size=(50, 2))
     nan[3, 1] = np.nan
