@@ -23,9 +23,9 @@ from . import _io
 from ._validation import check_data, check_positive_int
 from .basis import EIGENVALUE_FLOOR, EigenBasis
 from .calibration.certificate import (
+    _certify,
     certificate_summary,
     check_certificate,
-    holdout_certificate,
     recalibrate_latent,
     warn_failed_certificate,
 )
@@ -123,11 +123,10 @@ def fit_flow(cls: type[InflationaryFlow], data: Tensor, schedule: str,
     flow.history, flow.sites = history, layout
     if len(val_idx):  # every rank computes it (the same numbers); rank 0 says it
         dev = denoiser.lam.device
-        heldout = x[val_idx].to(dtype).to(dev)
-        cert = holdout_certificate(flow, heldout, x[train_idx].to(dtype).to(dev),
-                                   seed=config.seed)
+        cert, z = _certify(flow, x[val_idx].to(dtype).to(dev), x[train_idx].to(dtype).to(dev),
+                           config.seed)  # and the held-out latents, for the recalibration
         if recalibrate and not cert["passed"]:
-            cert = recalibrate_latent(flow, heldout, cert, seed=config.seed)
+            cert = recalibrate_latent(flow, z, cert)
         flow.certificate = cert
         if trainer.rank == 0:
             if progress:

@@ -311,12 +311,13 @@ class InflationaryFlow(nn.Module):
                 f"inference (reparam_flow_priors, latent_nuts) or encode/decode, or "
                 f"full_rank=True for the full-rank model's density")
 
-    def _state_maps(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(root, mean, to, back)``: ``root = sqrt(lam + gamma0)`` ``(D,)``, the standardizer
-        of ``w(0)``, and the basis and that standardizer folded into one matrix each way,
-        ``w(0) = (x - mean) @ to`` and ``x = mean + w(0) @ back`` (``(D, D)``). Kept until a
-        buffer or ``gamma0`` changes: every decode of a prior needs them, and folded they are
-        one operator instead of four, forward and backward."""
+    def _state_maps(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(root, mean, to, back, logdet)``: ``root = sqrt(lam + gamma0)`` ``(D,)``, the
+        standardizer of ``w(0)``; the basis and that standardizer folded into one matrix each
+        way, ``w(0) = (x - mean) @ to`` and ``x = mean + w(0) @ back`` (``(D, D)``); and
+        ``log |det dx/dw(0)|`` ``()``. Kept until a buffer or ``gamma0`` changes: every decode
+        and density of a prior needs them, and folded they are one operator instead of four,
+        forward and backward."""
         b, lam = self.basis, self.field.lam
         key = (self.schedule.gamma0, *((t.data_ptr(), t._version, t.dtype, t.device)
                                        for t in (lam, b.mean, b.W, b.scale)))
@@ -326,7 +327,8 @@ class InflationaryFlow(nn.Module):
                 zero = torch.zeros((), dtype=lam.dtype, device=lam.device)
                 root = torch.sqrt(self.schedule.sigma(zero, lam))
                 factor = b.scale * root
-                maps = (root, b.mean, b.W / factor, (b.W * factor).T.contiguous())
+                maps = (root, b.mean, b.W / factor, (b.W * factor).T.contiguous(),
+                        torch.log(root).sum() - b.log_abs_det())
             hit = self.__dict__["_state_cache"] = (key, maps)
         return hit[1]
 
@@ -341,12 +343,12 @@ class InflationaryFlow(nn.Module):
         return self.computing_in(x.dtype)._to_state(x)
 
     def _to_state(self, x: Tensor) -> Tensor:
-        _, mean, to, _ = self._state_maps()
+        _, mean, to, _, _ = self._state_maps()
         return (x - mean) @ to
 
     def from_state(self, w: Tensor) -> Tensor:
         """Data ``x`` of a standardized state ``w(0)``: ``(*, D) -> (*, D)`` (no solve)."""
-        _, mean, _, back = self._state_maps()
+        _, mean, _, back, _ = self._state_maps()
         if w.dim() == 2:
             return torch.addmm(mean, w, back)
         return mean + w @ back
@@ -379,7 +381,7 @@ class InflationaryFlow(nn.Module):
         ``batch_size`` rows are solved at a time (``None``: all at once); see the class
         docstring for what that changes."""
         w, info = self.encode_full(x, return_info=True, batch_size=batch_size, **solver)
-        z = self.computing_in(w.dtype)._latent_of_state(w)
+        z = self._latent_of_state(w)  # the radial map computes in w's dtype
         return (z, info) if return_info else z
 
     def decode(
@@ -433,18 +435,16 @@ class InflationaryFlow(nn.Module):
     def _state_of_latent(self, z: Tensor, full_rank: bool = False) -> Tensor:
         """The inverse of :meth:`_latent_of_state` (without ``full_rank``, the compressed
         coordinates are zeros)."""
-        if not full_rank:
+        if not full_rank or self.latent_dim == self.dim:
             return self._full_state(z)
         if self.radial is None:
             return z
         d = self.latent_dim
         return torch.cat([self.radial.inverse(z[..., :d]), z[..., d:]], dim=-1)
 
-    def _radial_logdet(self, w: Tensor) -> Tensor | float:
-        """``log |det dz/dw|`` ``(*)`` of the latent's radial map at full states ``w``
-        ``(*, D)`` (``0.0`` without one)."""
-        if self.radial is None:
-            return 0.0
+    def _radial_logdet(self, w: Tensor) -> Tensor:
+        """``log |det dz/dw|`` ``(*)`` of the latent's radial map (:attr:`radial`, not
+        ``None``) at full states ``w`` ``(*, D)``."""
         return self.radial.log_abs_det(w[..., self.schedule.kept])
 
     def decode_full(self, w: Tensor, *, return_info: bool = False,
@@ -478,7 +478,7 @@ class InflationaryFlow(nn.Module):
         return self.from_state(w0), logdet + self._affine_logdet(), info
 
     def _affine_logdet(self) -> Tensor:  # log |det dx/dw(0)| of x = from_state(w(0))
-        return torch.log(self._sigma0_root()).sum() - self.basis.log_abs_det()
+        return self._state_maps()[4]
 
     def add_t0_noise(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """A draw from the flow's ``t = 0`` marginal around data ``x``: ``(*, D) -> (*, D)``.
@@ -564,7 +564,8 @@ class InflationaryFlow(nn.Module):
                                        **solver)
         z = self._latent_of_state(wT, full_rank=True)  # wT itself without a radial map
         log_normal = -0.5 * (z.square().sum(-1) + self.dim * math.log(2 * math.pi))
-        return log_normal + self._radial_logdet(wT) + logdet - self._affine_logdet(), info
+        lp = log_normal + logdet - self._affine_logdet()
+        return (lp if self.radial is None else lp + self._radial_logdet(wT)), info
 
     def prior(self, *, full_rank: bool = False, **options: object) -> InflationaryFlowPrior:
         """This flow as a Pyro prior: an :class:`~pyro_inflow.InflationaryFlowPrior`.

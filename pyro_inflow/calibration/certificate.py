@@ -56,11 +56,9 @@ def _latents_of(flow: InflationaryFlow, x: torch.Tensor, seed: int,
     return z, solver
 
 
-def _coverage_of(flow: InflationaryFlow, x: torch.Tensor, seed: int,
-                 solver: dict) -> tuple[dict, dict]:
-    """Latent coverage of ``x`` plus ``t = 0`` noise (see :func:`_latents_of`)."""
-    z, solver = _latents_of(flow, x, seed, solver)
-    return latent_coverage(z, LEVELS), solver
+#: What a certificate keeps of :func:`~pyro_inflow.calibration.latent_coverage`.
+_CHECK_KEYS = ("levels", "coverage", "stderr", "z", "max_abs_error", "ks", "ks_pvalue",
+               "verdict", "n", "d")
 
 
 def holdout_certificate(flow: InflationaryFlow, heldout: torch.Tensor,
@@ -83,30 +81,32 @@ def holdout_certificate(flow: InflationaryFlow, heldout: torch.Tensor,
         training points), and the ``solver``: the prior's default grid, or ``dopri5`` with a
         ``note`` when that grid's error estimate is over its tolerance for this flow.
     """
+    return _certify(flow, heldout, train, seed)[0]
+
+
+def _certify(flow: InflationaryFlow, heldout: torch.Tensor, train: torch.Tensor | None,
+             seed: int) -> tuple[dict, torch.Tensor]:
+    """:func:`holdout_certificate` and the held-out latents it judged ``(m, d)`` (which
+    :func:`recalibrate_latent` fits on, without a second encode)."""
     heldout = flow.check_points(heldout, "heldout")[:MAX_CERTIFICATE_POINTS]
-    cov, solver = _coverage_of(flow, heldout, seed, CERTIFICATE_SOLVER)
-    cert = {k: cov[k] for k in ("levels", "coverage", "stderr", "z", "max_abs_error", "ks",
-                                "ks_pvalue", "verdict", "n", "d")}
+    z, solver = _latents_of(flow, heldout, seed, CERTIFICATE_SOLVER)
+    cov = latent_coverage(z, LEVELS)
+    cert = {k: cov[k] for k in _CHECK_KEYS}
     cert["passed"] = cov["verdict"] == "calibrated"
     cert["solver"] = dict(solver) if solver is CERTIFICATE_SOLVER else {
         **solver, "note": "the prior's default grid (warped_rk4, 12 steps) is too coarse for "
                           "this flow"}
     if train is not None:
         train = flow.check_points(train, "train")[:len(heldout)]
-        tr, _ = _coverage_of(flow, train, seed + 1, solver)
+        tr = latent_coverage(_latents_of(flow, train, seed + 1, solver)[0], LEVELS)
         cert["train_coverage"] = tr["coverage"]
         cert["overfit_gap"] = float(np.mean(np.subtract(tr["coverage"], cov["coverage"])))
-    return cert
+    return cert, z
 
 
-_CHECK_KEYS = ("levels", "coverage", "stderr", "z", "max_abs_error", "ks", "ks_pvalue",
-               "verdict", "n", "d")
-
-
-def recalibrate_latent(flow: InflationaryFlow, heldout: torch.Tensor, cert: dict, *,
-                       seed: int = 0) -> dict:
-    """Give ``flow`` a radial map of its latent fitted on ``heldout`` (the points of ``cert``,
-    a failed check) and return the recalibrated flow's certificate.
+def recalibrate_latent(flow: InflationaryFlow, z: torch.Tensor, cert: dict) -> dict:
+    """Give ``flow`` a radial map of its latent fitted on ``z``, the held-out latents of
+    ``cert`` (a failed check), and return the recalibrated flow's certificate.
 
     The map (:func:`~pyro_inflow.radial.fit_radial_map`) makes the spread of the held-out
     points' squared latent radii chi-square(d)'s. The returned certificate's coverage is
@@ -118,16 +118,13 @@ def recalibrate_latent(flow: InflationaryFlow, heldout: torch.Tensor, cert: dict
 
     Args:
         flow: a flow without a radial map.
-        heldout: the points ``(m, D)`` ``cert`` was measured on.
+        z: the latents ``(m, d)`` ``cert`` judged (the held-out points plus ``t = 0`` noise,
+            encoded by ``flow`` as it is).
         cert: their certificate (:func:`holdout_certificate`).
-        seed: the seed of the ``t = 0`` noise the check used.
     """
     if flow.radial is not None:
         raise ValueError("recalibrate_latent: this flow's latent is already recalibrated")
-    heldout = flow.check_points(heldout, "heldout")[:MAX_CERTIFICATE_POINTS]
-    solver = {k: v for k, v in cert["solver"].items() if k != "note"}
-    z, _ = _latents_of(flow, heldout, seed, solver)
-    z = z.double()
+    z = torch.as_tensor(z).double()
     r2, d = z.square().sum(-1), z.shape[-1]
     even = torch.arange(len(z)) % 2 == 0
     try:

@@ -11,7 +11,7 @@
 #endif
 #define MAX_UNITS 64
 
-int pyro_inflow_kernel_version(void) { return 3; }
+int pyro_inflow_kernel_version(void) { return 4; }
 
 #define REAL float
 #define FN(name) name##_f32

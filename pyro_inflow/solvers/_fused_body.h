@@ -429,8 +429,9 @@ static void FN(vjp_tan)(const FN(net) *net, int64_t stage, int64_t B, const REAL
 /* rk4_forward with the log-determinant: also ld (B) = sum over steps of
  * h/6 (tr1 + 2 tr2 + 2 tr3 + tr4), the RK4 integral of tr(dk/dx) along the solve, and its
  * embedded estimate's error in `err` (RMS over D + 1 coordinates, as the PyTorch path's
- * augmented state). `store` (4 N slots of B act (2 + D): values, silu' of them, tangents)
- * keeps what the adjoint needs. */
+ * augmented state). `store` (4 N slots of B act (1 + D): values, tangents) keeps what the
+ * adjoint needs (it needs silu'' too, so it computes the sigmoid from the values; silu' stays
+ * in scratch for the tangents). */
 int FN(rk4_logdet_forward)(const int64_t *ints, const REAL *P, int64_t B, const REAL *y0,
                            REAL *y1, REAL *ld, REAL *err, REAL *store)
 {
@@ -449,13 +450,12 @@ int FN(rk4_logdet_forward)(const int64_t *ints, const REAL *P, int64_t B, const 
     REAL h = net.h;
     for (int64_t i = 0; i < S; i++) { y[i] = y0[i]; e[i] = 0; }
     for (int64_t b = 0; b < B; b++) { ld[b] = 0; el[b] = 0; }
-#define VSLOT(q) (store ? store + (q) * (2 * A + AT) : vals)
-#define DSLOT(q) (store ? store + (q) * (2 * A + AT) + A : dsv)
-#define TSLOT(q) (store ? store + (q) * (2 * A + AT) + 2 * A : tans)
+#define VSLOT(q) (store ? store + (q) * (A + AT) : vals)
+#define TSLOT(q) (store ? store + (q) * (A + AT) + A : tans)
 #define EVAL(stage, at, k, q, tr)                                                            \
     do {                                                                                     \
-        FN(eval)(&net, stage, B, at, k, VSLOT(q), DSLOT(q), a, out);                         \
-        FN(tangent)(&net, stage, B, DSLOT(q), TSLOT(q), tr, ta, tout);                       \
+        FN(eval)(&net, stage, B, at, k, VSLOT(q), dsv, a, out);                              \
+        FN(tangent)(&net, stage, B, dsv, TSLOT(q), tr, ta, tout);                            \
     } while (0)
     EVAL(0, y, k1, 0, tr1);
     for (int64_t n = 0; n < net.N; n++) {
@@ -490,7 +490,6 @@ int FN(rk4_logdet_forward)(const int64_t *ints, const REAL *P, int64_t B, const 
     }
 #undef EVAL
 #undef VSLOT
-#undef DSLOT
 #undef TSLOT
     for (int64_t b = 0; b < B; b++) {
         REAL acc = el[b] * el[b];
@@ -524,9 +523,9 @@ int FN(rk4_logdet_backward)(const int64_t *ints, const REAL *P, int64_t B, const
     for (int64_t i = 0; i < S; i++) yb[i] = gy1[i];
     for (int64_t n = net.N - 1; n >= 0; n--) {
         int64_t s0 = 3 * n;
-        const REAL *base = store + 4 * n * (2 * A + AT);
-#define V(q) (base + (q) * (2 * A + AT))
-#define T(q) (base + (q) * (2 * A + AT) + 2 * A)
+        const REAL *base = store + 4 * n * (A + AT);
+#define V(q) (base + (q) * (A + AT))
+#define T(q) (base + (q) * (A + AT) + A)
         for (int64_t i = 0; i < S; i++) {
             acc[i] = yb[i];
             kb1[i] = (h / 6) * yb[i];

@@ -65,7 +65,7 @@ _FLAGS = ("-O3", "-std=c11", "-ffp-contract=fast", "-fPIC", "-shared")
 _NATIVE = (("-march=native", "-mprefer-vector-width=512"), ("-march=native",), ())
 _VBYTES = 64  # the kernel's vector width in bytes (_fused.c); rows are padded to it
 _ALIGN = 16  # offsets in the packed buffer are multiples of 16 elements
-_VERSION = 3  # pyro_inflow_kernel_version() of _fused.c: raised when the calls' contract changes
+_VERSION = 4  # pyro_inflow_kernel_version() of _fused.c: raised when the calls' contract changes
 
 _state: dict = {"lib": None, "tried": False, "reason": None, "path": None, "seconds": None,
                 "enabled": True, "warned": False}
@@ -373,9 +373,7 @@ class _Lease:
 
 def _state_rows(t: Tensor, plan: _Plan) -> Tensor:
     """Rows ``(B, D)`` in zero-padded rows ``(B, D_pad)``, as the kernel reads states."""
-    out = t.new_zeros(t.shape[0], plan.dim_pad)
-    out[:, :t.shape[1]] = t
-    return out
+    return nn.functional.pad(t, (0, plan.dim_pad - t.shape[1]))
 
 
 def _run(lib: ctypes.CDLL, name: str, plan: _Plan, B: int, *tensors: Tensor | None) -> None:
@@ -430,7 +428,7 @@ class _FusedRK4Logdet(torch.autograd.Function):
         B, D = y0.shape
         x = _state_rows(y0, plan)
         y1, ld, err = torch.empty_like(x), y0.new_empty(B), y0.new_empty(B)
-        store = _Lease(4 * plan.steps * B * plan.act * (2 + D), y0.dtype) \
+        store = _Lease(4 * plan.steps * B * plan.act * (1 + D), y0.dtype) \
             if ctx.needs_input_grad[0] else None
         _run(lib, f"rk4_logdet_forward_{_suffix(plan)}", plan, B, x, y1, ld, err,
              store.buffer if store is not None else None)
