@@ -280,7 +280,7 @@ def _by_chain(data: object, sites: Sequence[str] | None,
         if v.dim() < 2:
             raise ValueError(f"site {k!r}: expected draws (draw, *shape), got shape "
                              f"{tuple(v.shape[1:])}")
-        chosen[k] = v.to(torch.float64)  # NaN and support: checked as they are packed
+        chosen[k] = v.detach().cpu().to(torch.float64)  # checked as they are packed; fit moves them
     specs = {k: given.get(k, specs.get(k, {"type": "real"})) for k in sites}
     return chosen, specs
 

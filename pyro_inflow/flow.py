@@ -43,6 +43,14 @@ def _fill_sd(fill: str | float) -> float:
     raise ValueError(f"fill: expected one of {FILLS} or a standard deviation >= 0, got {fill!r}")
 
 
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype,
+           device: torch.device) -> Tensor:
+    """Standard normal draws ``shape`` made on ``generator``'s device (by default the CPU's
+    global generator) and moved to ``device``: a seed gives the same numbers on any device."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, dtype=dtype, device=where).to(device)
+
+
 class InflationaryFlow(nn.Module):
     r"""An inflationary flow (de Albuquerque & Pearson 2024) between data and a Gaussian latent.
 
@@ -418,8 +426,8 @@ class InflationaryFlow(nn.Module):
         if not extra:
             return z
         shape, sd = (*z.shape[:-1], extra), _fill_sd(fill)
-        rest = (sd * torch.randn(shape, generator=generator, dtype=z.dtype, device=z.device)
-                if sd > 0 else z.new_zeros(shape))
+        rest = (sd * _randn(shape, generator, z.dtype, z.device) if sd > 0
+                else z.new_zeros(shape))
         return torch.cat([z, rest], dim=-1)
 
     def _latent_of_state(self, w: Tensor, full_rank: bool = False) -> Tensor:
@@ -492,7 +500,7 @@ class InflationaryFlow(nn.Module):
         """
         x = self.check_points(x)
         sd = self.basis.scale * math.sqrt(self.schedule.gamma0)
-        return x + sd * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return x + sd * _randn(x.shape, generator, x.dtype, x.device)
 
     def sample(
         self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None,
@@ -504,7 +512,8 @@ class InflationaryFlow(nn.Module):
 
         The latents are drawn in blocks of ``SAMPLE_BLOCK`` rows (:meth:`latent_blocks`), so a
         seed gives the same samples whatever ``batch_size``, and ``pyro-inflow sample``, which
-        streams the blocks, gives the same file."""
+        streams the blocks, gives the same file. A seed draws on the CPU's generator, so it
+        gives the same latents on any device (a ``generator`` draws on its own device)."""
         _fill_sd(fill)
         w = torch.cat(list(self.latent_blocks(n, seed=seed, generator=generator, fill=fill)))
         x, info = map_rows(self._decode_full, w, batch_size, **solver)
@@ -517,11 +526,11 @@ class InflationaryFlow(nn.Module):
         ``SAMPLE_BLOCK`` rows, in the flow's dtype (see :meth:`sample`)."""
         n = check_positive_int(n, "n")
         if generator is None:  # a seeded one, or one seeded from fresh entropy
-            generator = torch.Generator(device=self.device)
+            generator = torch.Generator()  # the CPU's: the same draws on any device
             _ = generator.seed() if seed is None else generator.manual_seed(seed)
         for start in range(0, n, SAMPLE_BLOCK):
-            z = torch.randn(min(SAMPLE_BLOCK, n - start), self.latent_dim, generator=generator,
-                            dtype=self.dtype, device=self.device)
+            z = _randn((min(SAMPLE_BLOCK, n - start), self.latent_dim), generator, self.dtype,
+                       self.device)
             yield self._full_state(z, fill, generator)
 
     def log_prob(

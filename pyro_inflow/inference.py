@@ -36,7 +36,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO, autoguide
-from pyro.infer.mcmc.api import _MultiSampler, _Worker
+from pyro.infer.mcmc.api import _MultiSampler, _UnarySampler, _Worker
 from pyro.infer.reparam import TransformReparam
 from pyro.poutine.util import site_is_subsample
 
@@ -281,7 +281,9 @@ def latent_nuts(
             there are several chains, two or more cores and Linux's ``fork`` (not once CUDA is
             initialized, nor inside a daemonic pool worker). Pyro alone does so only with a
             free core per chain plus one: on a 2-core machine it runs the chains one after
-            another and leaves a core idle. ``False``: one after another in this process.
+            another and leaves a core idle. ``False``: one after another in this process,
+            also where Pyro would fork a process per chain itself (what breaks once CUDA is
+            in use, so the default runs CUDA chains so too).
             ``True``: forked workers wherever ``fork`` exists. Forked workers need no pickling
             of the model. Chain ``c`` seeds ``seed + c``, so its draws are those of a
             one-chain run with that seed (a sequential run draws all chains from one stream).
@@ -317,9 +319,13 @@ def latent_nuts(
         warnings.filterwarnings("ignore", message="num_chains=", category=UserWarning)
         mcmc = LatentMCMC(kernel, num_samples=num_samples, warmup_steps=warm,
                           num_chains=num_chains, disable_progbar=not progress)
-    if _use_processes(num_chains, parallel):
-        if isinstance(mcmc.sampler, _MultiSampler):  # Pyro's own (a core per chain spare)
-            mcmc.sampler.terminate()  # stops the logging thread it started
+    processes = _use_processes(num_chains, parallel)
+    if isinstance(mcmc.sampler, _MultiSampler):  # Pyro's own (a core per chain spare)
+        mcmc.sampler.terminate()  # stops the logging thread it started
+        # else one after another here: Pyro's forked processes break once CUDA is in use
+        mcmc.sampler = _UnarySampler(kernel, mcmc.num_samples, mcmc.warmup_steps, num_chains,
+                                     not progress)
+    if processes:
         mcmc.sampler = _ChainProcesses(kernel, mcmc.num_samples, mcmc.warmup_steps, num_chains,
                                        "fork", not progress)
         with _one_thread():  # forked workers inherit it: no two thread pools per core

@@ -128,7 +128,7 @@ def probes(w0: Tensor, trace: str, num_probes: int, seed: int) -> tuple[Tensor, 
     # the same probes for every point: a point's estimate does not depend on the batch it is
     # in (chunked evaluation gives the numbers of one batch, and a prior's value at x does
     # not change with the other points of a plate)
-    gen = torch.Generator(device=w0.device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same probes on any device
     shape = (num_probes, *[1] * (w0.dim() - 1), w0.shape[-1])
-    signs = torch.randint(0, 2, shape, generator=gen, device=w0.device)
+    signs = torch.randint(0, 2, shape, generator=gen).to(w0.device)
     return (signs.to(w0.dtype) * 2 - 1).expand(num_probes, *w0.shape), 1.0 / num_probes

@@ -401,6 +401,31 @@ def test_parallel_chains_are_the_single_chains_of_their_seeds(monkeypatch):
     assert not inference._use_processes(1, True)
 
 
+def test_chains_not_in_our_processes_run_here_whatever_pyro_would_do(monkeypatch):
+    """parallel=False (and the default once CUDA is in use) runs the chains one after another
+    in this process, also where Pyro, seeing a spare core per chain, would fork its own
+    processes (which cannot use CUDA: the failure seen on a GPU machine with 16 cores)."""
+    import os
+
+    from pyro.infer.mcmc import api
+
+    model, y, _ = _plate_model()
+    parent = os.getpid()
+
+    def here_only(y):
+        assert os.getpid() == parent, "a chain ran in another process"
+        model(y)
+
+    monkeypatch.setattr(api.mp, "cpu_count", lambda: 16)  # Pyro would fork 2 processes
+    kw = {"num_samples": 4, "warmup_steps": 4, "num_chains": 2, "progress": False,
+          "max_tree_depth": 3}
+    mcmc = pif.latent_nuts(here_only, y, parallel=False, **kw)
+    assert isinstance(mcmc.sampler, api._UnarySampler)
+    assert mcmc.get_samples(group_by_chain=True)["x"].shape == (2, 4, 3, 2)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert pif.latent_nuts(here_only, y, **kw).get_samples()["x"].shape == (8, 3, 2)
+
+
 def test_parallel_chains_report_errors_and_dead_workers(monkeypatch):
     import os
 

@@ -45,7 +45,7 @@ def _latents_of(flow: InflationaryFlow, x: torch.Tensor, seed: int,
                 solver: dict) -> tuple[torch.Tensor, dict]:
     """Latents of ``x`` plus ``t = 0`` noise; the prior's grid, or ``dopri5`` where that grid
     is too coarse for this flow (the returned solver says which)."""
-    gen = torch.Generator(device=x.device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on any device
     xn = flow.add_t0_noise(x, generator=gen)
     with torch.no_grad():
         try:
@@ -124,7 +124,7 @@ def recalibrate_latent(flow: InflationaryFlow, z: torch.Tensor, cert: dict) -> d
     """
     if flow.radial is not None:
         raise ValueError("recalibrate_latent: this flow's latent is already recalibrated")
-    z = torch.as_tensor(z).double()
+    z = torch.as_tensor(z).detach().cpu().double()  # (m, d): small, fitted on the CPU
     r2, d = z.square().sum(-1), z.shape[-1]
     even = torch.arange(len(z)) % 2 == 0
     try:

@@ -44,7 +44,7 @@ def flow_calibration(flow: InflationaryFlow, x: torch.Tensor | np.ndarray,
     """
     x = flow.check_points(x)
     if noise:
-        gen = torch.Generator(device=x.device).manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on any device
         x = flow.add_t0_noise(x, generator=gen)
     with torch.no_grad():
         z, enc = flow.encode(x, return_info=True, **solver)

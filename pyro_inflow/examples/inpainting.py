@@ -65,8 +65,9 @@ def corrupt(x: Tensor | np.ndarray, *, hidden: float = 0.5, sigma: float = 0.1, 
     mask = torch.ones(K, D, dtype=torch.bool)
     mask.scatter_(1, order[:, :n_hidden], False)
     noise = sigma * torch.randn(K, D, generator=gen, dtype=torch.float64)
+    mask = mask.to(x.device)
     y = torch.where(mask, x + noise.to(x.device, x.dtype), torch.zeros_like(x))
-    return y, mask.to(x.device)
+    return y, mask
 
 
 def inpainting_model(flow: InflationaryFlow, sigma: float = 0.1,

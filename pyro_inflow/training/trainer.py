@@ -112,9 +112,9 @@ def split(n: int, fraction: float, generator: torch.Generator) -> tuple[Tensor, 
 
 def signal_time(schedule: InflationSchedule, lam: Tensor) -> float:
     """First time at which ``gamma_i(t) >= e^2 lam_i`` in every kept dimension (at most ``T``)."""
-    kept = schedule.kept
-    lam_k = lam[kept].to(torch.float64).clamp_min(1e-300)
-    rate = schedule.rate[kept].to(torch.float64)
+    kept = schedule.kept  # computed on the CPU, wherever the schedule's buffers are
+    lam_k = lam.cpu()[kept].to(torch.float64).clamp_min(1e-300)
+    rate = schedule.rate.cpu()[kept].to(torch.float64)
     t = ((torch.log(lam_k / schedule.gamma0) + 2.0) / rate).max()
     return float(min(schedule.t_max, max(float(t), 1e-3 * schedule.t_max)))
 
