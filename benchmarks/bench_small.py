@@ -13,7 +13,12 @@ fitted to the 1,500 training images:
   expected held-out squared Mahalanobis distance right for Gaussian data;
 * ``flow, not recalibrated``: where the flow failed its held-out check and ``fit``
   recalibrated its latent (``flow.radial``, fitted on the 150 images ``fit`` held out, never
-  the 297), the same network without that map.
+  the 297), the same network without that map;
+* ``flow, map from K folds`` (with ``--folds K``, an experiment, not what ``fit`` does): the
+  same network with the map fitted on ``150 K`` held-out images instead of 150: its own 150,
+  and those of ``K - 1`` more networks trained the same way, each holding out another 150 of
+  the training images (so every radius comes from a network that never saw that image). It
+  asks how much of the error is the map's estimation noise, at ``K`` times the training.
 
 Every prior is judged as the flow is: the held-out digits plus the flow's ``t = 0`` noise
 ``N(0, gamma0 scale^2)`` (the Gaussians get the same noise added to their covariance), the
@@ -25,7 +30,7 @@ splits, its error on the pooled held-out latents of all splits, and the *noise f
 mean error a perfectly calibrated prior would show on the same number of points (simulated).
 
     python benchmarks/bench_small.py [--quick] [--splits 3] [--flow-settings '{"hidden": 64}'
-                                     --tag NAME]
+                                     --tag NAME] [--folds 4]
 
 Needs scikit-learn. Writes ``benchmarks/results/small.json`` (``small_NAME.json`` with
 ``--tag``).
@@ -46,6 +51,8 @@ from scipy import stats
 from pyro_inflow import InflationaryFlow, datasets
 from pyro_inflow.basis import ledoit_wolf
 from pyro_inflow.calibration import LEVELS, latent_coverage
+from pyro_inflow.radial import fit_radial_map
+from pyro_inflow.training.trainer import split
 
 N_TRAIN = 1500
 
@@ -85,11 +92,48 @@ def judge_flow(flow: InflationaryFlow, xte: torch.Tensor, seed: int) -> tuple[np
     return z.double().numpy(), float(lp.mean())
 
 
+def heldout_radii(flow: InflationaryFlow, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Squared latent radii ``(n,)`` of held-out points ``x`` plus the ``t = 0`` noise, encoded
+    as ``fit``'s check encodes them (the flow without its radial map)."""
+    plain = copy.deepcopy(flow)
+    plain.radial = None
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        z = plain.encode(plain.add_t0_noise(x, generator=gen), method="warped_rk4",
+                         num_steps=12)
+    return z.double().square().sum(-1)
+
+
+def map_from_folds(flow: InflationaryFlow, xtr: torch.Tensor, folds: int,
+                   settings: dict) -> InflationaryFlow:
+    """``flow`` with its radial map refitted on the held-out radii of ``folds`` networks: its
+    own validation images and ``folds - 1`` more slices of as many training images, each held
+    out (for early stopping and the radii) by a network trained as ``flow`` was."""
+    seed = int(settings.get("seed", 0))
+    tr_idx, val_idx = split(len(xtr), float(settings.get("validation_fraction", 0.1)),
+                            torch.Generator().manual_seed(seed))  # fit's own split
+    m = len(val_idx)
+    rest = tr_idx[torch.randperm(len(tr_idx), generator=torch.Generator().manual_seed(1))]
+    r2 = [heldout_radii(flow, xtr[val_idx], 0)]
+    for j in range(folds - 1):
+        hold = rest[j * m:(j + 1) * m]
+        others = torch.cat([rest[:j * m], rest[(j + 1) * m:], val_idx])
+        xp = torch.empty_like(xtr)  # the same split positions, holding out ``hold``
+        xp[val_idx], xp[tr_idx] = xtr[hold], xtr[others]
+        other = InflationaryFlow.fit(xp, progress=False, **{**settings, "recalibrate": False})
+        r2.append(heldout_radii(other, xtr[hold], j + 1))
+    out = copy.deepcopy(flow)
+    out.radial = fit_radial_map(torch.cat(r2), flow.latent_dim, dtype=flow.dtype)
+    return out
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--splits", type=int, default=3)
     p.add_argument("--flow-settings", default="{}", help="JSON keyword settings of fit")
     p.add_argument("--tag", default=None, help="write small_TAG.json (a variant's results)")
+    p.add_argument("--folds", type=int, default=1, help="also fit the flow's radial map on "
+                   "the held-out images of this many networks (an experiment; K x training)")
     a = p.parse_args()
     settings = json.loads(a.flow_settings)
     if a.quick:
@@ -119,6 +163,13 @@ def main() -> None:
             plain = copy.deepcopy(flow)
             plain.radial = None
             results["flow, not recalibrated"] = judge_flow(plain, xte, seed=100 + s)
+            if a.folds > 1:
+                tic = time.perf_counter()
+                folded = map_from_folds(flow, xtr, a.folds, settings)
+                results[f"flow, map from {a.folds} folds"] = judge_flow(folded, xte, 100 + s)
+                print(f"split {s}: {a.folds - 1} more networks in "
+                      f"{time.perf_counter() - tic:.0f} s, map {folded.radial.config()} "
+                      f"against {flow.radial.config()}", flush=True)
         for name, prior in priors.items():
             results[name] = judge_gaussian(prior, xte64, seed=100 + s)
         for name, (z, ll) in results.items():
@@ -154,8 +205,8 @@ def main() -> None:
               f"{pooled['max_abs_error']:.3f} | {np.mean(lls):.1f} |")
     print(f"| a perfectly calibrated prior (noise floor) | {floor_one:.3f} | {floor_pool:.3f} "
           f"| |")
-    payload = {"settings": settings, "splits": splits, "rows": rows, "summary": summary,
-               "noise_floor": {"one_split": floor_one, "pooled": floor_pool}}
+    payload = {"settings": settings, "splits": splits, "folds": a.folds, "rows": rows,
+               "summary": summary, "noise_floor": {"one_split": floor_one, "pooled": floor_pool}}
     write_results("small" if a.tag is None else f"small_{a.tag}", payload, a.quick)
 
 

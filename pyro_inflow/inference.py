@@ -319,13 +319,13 @@ def latent_nuts(
         warnings.filterwarnings("ignore", message="num_chains=", category=UserWarning)
         mcmc = LatentMCMC(kernel, num_samples=num_samples, warmup_steps=warm,
                           num_chains=num_chains, disable_progbar=not progress)
-    processes = _use_processes(num_chains, parallel)
-    if isinstance(mcmc.sampler, _MultiSampler):  # Pyro's own (a core per chain spare)
+    # Pyro forks a process per chain where it sees a spare core for each, and a forked
+    # process cannot use CUDA: the chains run in our worker processes or one after another
+    if isinstance(mcmc.sampler, _MultiSampler):
         mcmc.sampler.terminate()  # stops the logging thread it started
-        # else one after another here: Pyro's forked processes break once CUDA is in use
         mcmc.sampler = _UnarySampler(kernel, mcmc.num_samples, mcmc.warmup_steps, num_chains,
                                      not progress)
-    if processes:
+    if _use_processes(num_chains, parallel):
         mcmc.sampler = _ChainProcesses(kernel, mcmc.num_samples, mcmc.warmup_steps, num_chains,
                                        "fork", not progress)
         with _one_thread():  # forked workers inherit it: no two thread pools per core
