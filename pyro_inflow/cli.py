@@ -135,7 +135,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     tic = time.perf_counter()
     try:
         flow = InflationaryFlow.fit(x, checkpoint=ckpt, checkpoint_every=a.checkpoint_every,
-                                    resume=a.resume, progress=not a.quiet, **settings)
+                                    resume=a.resume, progress=not a.quiet, device=a.device,
+                                    **settings)
     except TrainingDiverged as e:
         raise FloatingPointError(
             f"training diverged at step {e.step + 1} (non-finite loss or gradient); the last "
@@ -339,6 +340,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="resumable checkpoint file (default FLOW.ckpt, removed on success)")
     t.add_argument("--checkpoint-every", type=int, default=1000)
     t.add_argument("--resume", default=None, metavar="CHECKPOINT")
+    t.add_argument("--device", default=None, help="where the network trains: cpu, cuda, "
+                   "cuda:1, ... (default: the CPU; under torchrun with NCCL, cuda:LOCAL_RANK); "
+                   "the flow file is the same either way")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 

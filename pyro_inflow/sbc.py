@@ -257,7 +257,8 @@ def simulation_based_calibration(
             site, e.g. ``"x_base"`` and ``"x"``).
         seed: simulation ``i`` uses ``pyro.set_rng_seed(seed + i)``: runs are reproducible
             and independent of ``num_workers``.
-        num_workers: processes; above 1 they are forked (Linux, macOS), each with one thread.
+        num_workers: processes; above 1 they are forked (Linux, macOS), each with one thread
+            (not once CUDA is initialized in this process: a forked process cannot use it).
         progress: a tqdm bar over simulations.
         alpha: level of the Bonferroni-corrected uniformity test.
         label: name of the inference in tables and plots.
@@ -270,6 +271,9 @@ def simulation_based_calibration(
     num_simulations = check_positive_int(num_simulations, "num_simulations", minimum=2)
     L = check_positive_int(num_posterior_samples, "num_posterior_samples")
     num_workers = check_positive_int(num_workers, "num_workers")
+    if num_workers > 1 and torch.cuda.is_initialized():
+        raise ValueError("num_workers: CUDA is in use in this process, and a forked worker "
+                         "process cannot use it; pass num_workers=1")
     if not (isinstance(inference, str) and inference in ("nuts", "svi")) \
             and not callable(inference):
         raise ValueError(f"inference: expected 'nuts', 'svi' or a callable, got {inference!r}")

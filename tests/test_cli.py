@@ -128,6 +128,8 @@ def _bad_inputs(tmp_path):
         (["sample", "{flow}", "-n", "0", "--out", "{t}/o.npy"], "positive number of samples"),
         (["train", "{t}/const.npy", "--out", "{t}/o.flow"], r"column\(s\) \[2\] are constant"),
         (["train", "{t}/empty2.npy", "--out", "{t}/o.flow"], "expected at least 1 point"),
+        (["train", "{t}/ok3.npy", "--out", "{t}/o.flow", "--device", "gpu0"],
+         "is not a torch device"),
         (["train", "{t}/ok3.npy", "--out", "{t}/o.flow", "--lr", "-1"],
          "lr: expected a positive number"),
         (["train", "{t}/ok3.npy", "--out", "{t}/o.flow", "--batch-size", "0"],

@@ -61,6 +61,14 @@ def test_sbc_is_reproducible_and_rejects_bad_arguments():
                                      inference=exact_posterior(1.0), num_simulations=3)
 
 
+def test_sbc_does_not_fork_workers_once_cuda_is_in_use(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(ValueError, match="CUDA is in use.*num_workers=1"):
+        simulation_based_calibration(conjugate_model, torch.zeros(2, dtype=F64),
+                                     inference=exact_posterior(1.0), num_simulations=3,
+                                     num_workers=2, progress=False)
+
+
 # A Gaussian flow prior and one noisy observation of x0 + x1 + x2: the posterior is strongly
 # correlated in the latent too, so a mean-field guide's marginals are far too narrow. The
 # noise is 0.3: at 0.1 NUTS needed 33 s a simulation (long trees across a posterior 10x

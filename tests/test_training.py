@@ -58,6 +58,15 @@ def interrupt_at(step):
     return callback
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_named_in_one_line():
+    x = datasets.load("moons", n=200, seed=0)
+    with pytest.raises(ValueError, match="torch sees no CUDA device here.*train on 'cpu'"):
+        InflationaryFlow.fit(x, device="cuda", steps=2, progress=False)
+    with pytest.raises(ValueError, match="is not a torch device"):
+        InflationaryFlow.fit(x, device="gpu", steps=2, progress=False)
+
+
 def test_resume_continues_to_the_same_result(tmp_path):
     x = datasets.load("circles", n=3000, seed=0)
     settings = {**FAST, "steps": 200}

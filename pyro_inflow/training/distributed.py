@@ -26,9 +26,24 @@ def world() -> tuple[int, int]:
 
 
 def default_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or by default the CPU (under NCCL, this process's ``cuda:LOCAL_RANK``)."""
+    """``device``, or by default the CPU (under NCCL, this process's ``cuda:LOCAL_RANK``).
+
+    Raises:
+        ValueError: a device name torch does not know, or a CUDA device this machine lacks.
+    """
     if device is not None:
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device: {device!r} is not a torch device (e.g. 'cpu', 'cuda', "
+                             f"'cuda:1')") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {str(device)!r}, but torch sees no CUDA device here "
+                             f"(torch.cuda.is_available() is False); train on 'cpu'")
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device: {str(device)!r}, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+        return dev
     if world()[1] > 1 and torch_dist.get_backend() == "nccl":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
