@@ -230,3 +230,17 @@ def test_identifiability_and_regions_on_cuda(moons_flow):
     assert pif.identifiability(moons_flow, moons_flow, held)["relative"] < 1e-6
     regions = pif.credible_regions(moons_flow, held, resolution=64)
     assert len(regions["inside"]) == 5 and regions["regions_containing"].shape == (300,)
+
+
+def test_the_command_line_trains_on_cuda(tmp_path):
+    import numpy as np
+
+    from pyro_inflow.cli import main
+
+    data = tmp_path / "moons.npy"
+    np.save(data, pif.datasets.load("moons", n=2000, seed=0).numpy())
+    out = tmp_path / "moons.flow"
+    assert main(["train", str(data), "--out", str(out), "--device", "cuda", "--steps", "100",
+                 "--patience", "0", "--quiet"]) == 0
+    assert InflationaryFlow.load(out).certificate is not None
+    assert main(["train", str(data), "--out", str(out), "--device", "cuda:99"]) == 2
