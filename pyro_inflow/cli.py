@@ -342,7 +342,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, metavar="CHECKPOINT")
     t.add_argument("--device", default=None, help="where the network trains: cpu, cuda, "
                    "cuda:1, ... (default: the CPU; under torchrun with NCCL, cuda:LOCAL_RANK); "
-                   "the flow file is the same either way")
+                   "the flow file loads on any device")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
