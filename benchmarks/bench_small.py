@@ -94,14 +94,13 @@ def judge_flow(flow: InflationaryFlow, xte: torch.Tensor, seed: int) -> tuple[np
 
 def heldout_radii(flow: InflationaryFlow, x: torch.Tensor, seed: int) -> torch.Tensor:
     """Squared latent radii ``(n,)`` of held-out points ``x`` plus the ``t = 0`` noise, encoded
-    as ``fit``'s check encodes them (the flow without its radial map)."""
-    plain = copy.deepcopy(flow)
-    plain.radial = None
+    as ``fit``'s check encodes them: the kept coordinates of the end state ``w(T)``, before
+    the latent's radial map."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        z = plain.encode(plain.add_t0_noise(x, generator=gen), method="warped_rk4",
-                         num_steps=12)
-    return z.double().square().sum(-1)
+        w = flow.encode_full(flow.add_t0_noise(x, generator=gen), method="warped_rk4",
+                             num_steps=12)
+    return w[..., flow.schedule.kept].double().square().sum(-1)
 
 
 def map_from_folds(flow: InflationaryFlow, xtr: torch.Tensor, folds: int,
